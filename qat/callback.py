@@ -1,0 +1,103 @@
+"""``QATCallback``: the Lightning face of plan + prepare + observers.
+
+Modules are swapped in ``setup("fit")``, which Lightning runs before checkpoint restore, strategy
+wrapping (DDP/FSDP) and ``configure_optimizers``: restored weights land in fake-quant layers, learned
+scales exist before the optimizer is built, and FSDP wraps the swapped layers. Nothing patches
+``forward``; ``fit`` can run twice and ``validate``/``test``/``predict`` work before and after
+``qat.convert``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from .prepare import fake_quant_modules, freeze_observers, layer_errors, prepare, set_fake_quant_enabled
+
+__all__ = ["QATCallback"]
+
+
+class QATCallback(L.Callback):
+    """Quantization-aware training for any LightningModule.
+
+    Args:
+        scheme: a scheme (``q4_0``, ``int4_w_g128``, ``int8da_int4w`` ...) or a named mix (``q4_k_m``).
+        rules: ``{fnmatch pattern: scheme or None}`` on module names, first match wins; None keeps float.
+        start_step: fake quant is off before this global step (train in float first).
+        freeze_step: observers stop updating from this global step on (None: never).
+        observer: ``dynamic`` | ``mse`` | ``learned`` (LSQ, initialised from mse).
+        activations: activation format for every quantized Linear (e.g. ``int8_asym_token``); schemes
+            such as ``int8da_int4w`` bring their own.
+        act_observer: ``dynamic`` (per token) | ``moving_average``.
+        skip_incompatible: leave layers the scheme cannot take in float (with a warning) instead of failing.
+        log_every_n_steps: how often the per-layer error table goes to the logger (0: never).
+    """
+
+    def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
+                 freeze_step: Optional[int] = None, observer: str = "dynamic", activations: Optional[str] = None,
+                 act_observer: str = "dynamic", skip_incompatible: bool = False, log_every_n_steps: int = 50):
+        super().__init__()
+        self.scheme, self.rules = scheme, dict(rules or {})
+        self.start_step, self.freeze_step = start_step, freeze_step
+        self.observer, self.activations, self.act_observer = observer, activations, act_observer
+        self.skip_incompatible, self.log_every_n_steps = skip_incompatible, log_every_n_steps
+        self.last_errors: list[dict] = []
+
+    # -- surgery ------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or any(True for _ in fake_quant_modules(pl_module)):
+            return  # already prepared (second fit, or a model prepared by hand)
+        prepare(pl_module, self.scheme, self.rules, observer=self.observer, activations=self.activations,
+                act_observer=self.act_observer, skip_incompatible=self.skip_incompatible)
+        self._apply_schedule(pl_module, trainer.global_step)
+
+    def _apply_schedule(self, pl_module: L.LightningModule, step: int) -> None:
+        set_fake_quant_enabled(pl_module, step >= self.start_step)
+        freeze_observers(pl_module, self.freeze_step is not None and step >= self.freeze_step)
+
+    # -- schedule -----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._apply_schedule(pl_module, trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._apply_schedule(pl_module, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.log_every_n_steps and step % self.log_every_n_steps == 0:
+            self.log_layer_errors(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.log_every_n_steps:
+            self.log_layer_errors(trainer, pl_module)
+
+    # -- logging ------------------------------------------------------------------------------------
+    @rank_zero_only
+    def log_layer_errors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_errors = layer_errors(pl_module)
+        if not trainer.loggers or not self.last_errors:
+            return
+        metrics: dict[str, float] = {}
+        for row in self.last_errors:
+            metrics[f"qat/rel_mse/{row['layer']}"] = row["rel_mse"]
+            if "scale_mean" in row:
+                metrics[f"qat/scale_mean/{row['layer']}"] = row["scale_mean"]
+        total = sum(r["numel"] for r in self.last_errors)
+        metrics["qat/rel_mse_mean"] = sum(r["rel_mse"] * r["numel"] for r in self.last_errors) / total
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- resume -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "rules": self.rules, "start_step": self.start_step,
+                "freeze_step": self.freeze_step, "observer": self.observer, "activations": self.activations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {k: state_dict.get(k) for k in ("scheme", "observer", "activations")}
+        mine = {"scheme": self.scheme, "observer": self.observer, "activations": self.activations}
+        if saved != mine:
+            from .formats import QuantError
+            raise QuantError(f"checkpoint was trained with QAT settings {saved}, this run has {mine}; "
+                             "resume with the same scheme/observer/activations")

@@ -1,0 +1,89 @@
+"""Fake-quantized drop-in modules.
+
+``FakeQuantLinear`` / ``FakeQuantEmbedding`` subclass ``nn.Linear`` / ``nn.Embedding`` and hold the
+very same Parameter objects as the module they replace: state-dict keys of the weights stay as they
+were (quantizer state is added under ``weight_fake_quant.*``), optimizer references stay valid, and
+``isinstance(m, nn.Linear)`` still holds for code (peft, FSDP wrap policies) that looks for it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import QTensor
+from .observers import ActQuantizer, WeightQuantizer
+
+__all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "FAKE_QUANT_MODULES", "is_fake_quant"]
+
+
+class FakeQuantLinear(nn.Linear):
+    def __init__(self, linear: nn.Linear, weight_fake_quant: WeightQuantizer,
+                 act_fake_quant: Optional[ActQuantizer] = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_fake_quant = weight_fake_quant
+        self.act_fake_quant = act_fake_quant
+        self.train(linear.training)
+
+    def effective_weight(self) -> Tensor:
+        """The weight the forward multiplies by: exactly what export writes."""
+        return self.weight_fake_quant(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_fake_quant is not None:
+            x = self.act_fake_quant(x)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def quantize(self) -> QTensor:
+        return self.weight_fake_quant.quantize(self.weight)
+
+    def to_float(self) -> nn.Linear:
+        """A plain nn.Linear sharing this module's Parameters (undoes ``prepare`` for this layer)."""
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight, lin.bias = self.weight, self.bias
+        lin.train(self.training)
+        return lin
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    def __init__(self, emb: nn.Embedding, weight_fake_quant: WeightQuantizer):
+        nn.Module.__init__(self)
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"):
+            setattr(self, attr, getattr(emb, attr))
+        self.weight = emb.weight
+        self.weight_fake_quant = weight_fake_quant
+        self.train(emb.training)
+
+    def effective_weight(self) -> Tensor:
+        return self.weight_fake_quant(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(input, self.effective_weight(), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def quantize(self) -> QTensor:
+        return self.weight_fake_quant.quantize(self.weight)
+
+    def to_float(self) -> nn.Embedding:
+        emb = nn.Embedding.__new__(nn.Embedding)
+        nn.Module.__init__(emb)
+        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                     "scale_grad_by_freq", "sparse"):
+            setattr(emb, attr, getattr(self, attr))
+        emb.weight = self.weight
+        emb.train(self.training)
+        return emb
+
+
+FAKE_QUANT_MODULES = (FakeQuantLinear, FakeQuantEmbedding)
+
+
+def is_fake_quant(m: nn.Module) -> bool:
+    return isinstance(m, FAKE_QUANT_MODULES)

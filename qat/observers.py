@@ -1,0 +1,164 @@
+"""How quantization parameters are chosen, and where they live.
+
+``WeightQuantizer`` is the per-layer module that owns a weight's quantization state as buffers (or,
+for ``learned``, Parameters), so checkpoints hold it and a resumed run continues exactly:
+
+* ``dynamic``        the format's reference rule (llama.cpp's for GGUF types), recomputed every step.
+* ``mse``            per block, the clip ratio from a fixed grid that minimises the quantization MSE,
+                     recomputed every step.
+* ``learned``        LSQ: the scale (and an asymmetric format's zero/min) are Parameters, initialised
+                     from ``mse`` and trained with the weights.
+* frozen             any observer stops updating once ``frozen`` is set (``freeze_step``); the codes
+                     are then computed from the stored parameters.
+
+``ActQuantizer`` fake-quantizes activations: ``dynamic`` (per token, from the batch itself) or
+``moving_average`` (per tensor, an EMA of min/max kept in buffers while training).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .fake_quant import fake_quantize, fake_quantize_any, fake_quantize_lsq
+from .formats import AffineFormat, Format, QTensor, QuantError, get_format
+from .formats.base import to_blocks
+
+__all__ = ["OBSERVERS", "WeightQuantizer", "ActQuantizer", "mse_params"]
+
+OBSERVERS = ("dynamic", "mse", "learned")
+ACT_OBSERVERS = ("dynamic", "moving_average")
+
+MSE_GRID = torch.linspace(1.0, 0.5, 21).tolist()  # clip ratios searched by the mse observer
+
+
+@torch.no_grad()
+def mse_params(fmt: AffineFormat, blocks: Tensor, grid: list[float] = MSE_GRID) -> tuple[Tensor, Optional[Tensor]]:
+    """Per block, the parameters of ``choose_params(r * block)`` for the r in ``grid`` with the lowest
+    quantization MSE of the unshrunk block. r = 1 is the reference rule, so this never does worse."""
+    best_scale, best_zero = fmt.choose_params(blocks)
+    best_err = (fmt.decode(fmt.encode(blocks, best_scale, best_zero), best_scale, best_zero) - blocks).pow(2).sum(-1)
+    for r in grid[1:]:
+        scale, zero = fmt.choose_params(blocks * r)
+        err = (fmt.decode(fmt.encode(blocks, scale, zero), scale, zero) - blocks).pow(2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+class WeightQuantizer(nn.Module):
+    """Fake-quantizes one weight tensor in one format. Holds no reference to the weight itself."""
+
+    def __init__(self, fmt: Format | str, weight: Tensor, observer: str = "dynamic"):
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        if observer not in OBSERVERS:
+            raise QuantError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+        self.affine = isinstance(self.fmt, AffineFormat)
+        if not self.affine and observer != "dynamic":
+            raise QuantError(
+                f"{self.fmt.name} has its own two-level scale search; only observer='dynamic' applies to it"
+            )
+        self.observer = observer
+        self.enabled = True  # set every step by QATCallback from start_step; not state
+        self._frozen = False  # python mirror of the `frozen` buffer: no device sync per step
+        self.register_buffer("frozen", torch.tensor(False))
+        if self.affine:
+            with torch.no_grad():
+                blocks = to_blocks(weight.detach(), self.fmt.block)
+                scale, zero = mse_params(self.fmt, blocks) if observer in ("mse", "learned") else self.fmt.choose_params(blocks)
+            if observer == "learned":
+                self.scale = nn.Parameter(scale.clone())
+                self.zero = None if zero is None else nn.Parameter(zero.clone())
+            else:
+                self.register_buffer("scale", scale.clone())
+                self.register_buffer("zero", None if zero is None else zero.clone())
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) updating the parameters; the stored ones are then used as they are."""
+        if frozen != self._frozen:
+            self._frozen = frozen
+            self.frozen.fill_(frozen)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
+
+    @torch.no_grad()
+    def observe(self, w: Tensor) -> None:
+        """Update the stored parameters from ``w`` unless frozen or learned."""
+        if not self.affine or self.observer == "learned" or self._frozen:
+            return
+        blocks = to_blocks(w.detach(), self.fmt.block)
+        scale, zero = mse_params(self.fmt, blocks) if self.observer == "mse" else self.fmt.choose_params(blocks)
+        self.scale.copy_(scale)
+        if zero is not None:
+            self.zero.copy_(zero)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        if not self.affine:
+            return fake_quantize_any(w, self.fmt)
+        if self.observer == "learned":
+            return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
+        self.observe(w)
+        return fake_quantize(w, self.fmt, self.scale, self.zero)
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> QTensor:
+        """The integer codes and parameters this quantizer's forward uses for ``w`` (what export writes)."""
+        if not self.affine:
+            return self.fmt.quantize(w.detach())
+        self.observe(w)
+        zero = self.zero
+        if zero is not None and self.observer == "learned" and self.fmt.zero_kind == "zp":
+            zero = torch.round(zero)
+        return self.fmt.quantize_with(w.detach(), self.scale.detach(), None if zero is None else zero.detach())
+
+    def extra_repr(self) -> str:
+        return f"format={self.fmt.name}, observer={self.observer}"
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes activations (e.g. int8 per token, asymmetric, for int8da_int4w)."""
+
+    def __init__(self, fmt: Format | str, observer: str = "dynamic", momentum: float = 0.01):
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        if not isinstance(self.fmt, AffineFormat):
+            raise QuantError(f"activation quantization needs an integer format, got {self.fmt.name}")
+        if observer not in ACT_OBSERVERS:
+            raise QuantError(f"unknown activation observer {observer!r}; choose one of {', '.join(ACT_OBSERVERS)}")
+        self.observer, self.momentum = observer, momentum
+        self.enabled = True
+        self.register_buffer("frozen", torch.tensor(False))
+        if observer == "moving_average":
+            self.register_buffer("min_val", torch.tensor(float("inf")))
+            self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        flat = x.reshape(-1, x.shape[-1])
+        blocks = to_blocks(flat, self.fmt.block)
+        if self.observer == "dynamic":
+            scale, zero = self.fmt.choose_params(blocks.detach())
+        else:
+            if self.training and not bool(self.frozen):
+                with torch.no_grad():
+                    lo, hi = blocks.min(), blocks.max()
+                    first = torch.isinf(self.min_val)
+                    m = self.momentum
+                    self.min_val.copy_(torch.where(first, lo, (1 - m) * self.min_val + m * lo))
+                    self.max_val.copy_(torch.where(first, hi, (1 - m) * self.max_val + m * hi))
+            ref = torch.stack([self.min_val, self.max_val]).expand(*blocks.shape[:-1], 2)
+            scale, zero = self.fmt.choose_params(ref)
+        return fake_quantize(flat, self.fmt, scale, zero).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"format={self.fmt.name}, observer={self.observer}"

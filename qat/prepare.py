@@ -1,0 +1,143 @@
+"""Model surgery: ``prepare`` swaps layers for fake-quantized ones in place, ``convert`` reads out the
+integer codes and scales that export writes. Plain PyTorch; no Lightning here."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .formats import QTensor, QuantError, check_finite, get_format
+from .modules import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
+from .observers import ActQuantizer, WeightQuantizer
+from .plan import LayerSpec, build_plan
+
+__all__ = ["prepare", "convert", "fake_quant_modules", "set_fake_quant_enabled", "freeze_observers",
+           "unprepare", "layer_errors", "effective_state_dict"]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def prepare(model: nn.Module, scheme: Optional[str] = None, rules: Optional[Mapping[str, Optional[str]]] = None,
+            observer: str = "dynamic", activations: Optional[str] = None, act_observer: str = "dynamic",
+            skip_incompatible: bool = False) -> nn.Module:
+    """Swap every planned Linear/Embedding of ``model`` for its fake-quantized twin, in place.
+
+    A layer whose shape the scheme cannot take is an error naming the layer and the scheme, or, with
+    ``skip_incompatible=True``, left in float with a warning. Never silently quantized wrong.
+    Tied weights (an output head sharing the embedding's Parameter) share one quantizer, as they share
+    one tensor in a GGUF file.
+    """
+    if any(is_fake_quant(m) for m in model.modules()):
+        raise QuantError("model is already prepared for QAT; call qat.unprepare(model) first to re-plan it")
+    plan = build_plan(model, scheme, rules, activations)
+    problems, by_param = [], {}
+    for name, spec in plan.items():
+        mod = model.get_submodule(name)
+        fmt = get_format(spec.weight)
+        try:
+            fmt.check_shape(tuple(mod.weight.shape))
+            check_finite(mod.weight, f"{name}.weight")
+        except QuantError as e:
+            if skip_incompatible and "NaN" not in str(e):
+                warnings.warn(f"qat: keeping {name} in float: {e}", stacklevel=2)
+                continue
+            problems.append(f"{name} ({spec.name}): {e}")
+            continue
+        by_param.setdefault(id(mod.weight), []).append((name, spec))
+    if problems:
+        raise QuantError("cannot quantize these layers as planned:\n  " + "\n  ".join(problems)
+                         + "\nFix: give them another scheme in `rules` (None keeps float) or pass skip_incompatible=True.")
+    for group in by_param.values():
+        specs = {spec.weight for _, spec in group}
+        if len(specs) > 1:
+            names = ", ".join(n for n, _ in group)
+            raise QuantError(f"{names} share one weight tensor but were planned as {sorted(specs)}; "
+                             "give them the same scheme in `rules`")
+        first_name, first_spec = group[0]
+        wq = WeightQuantizer(first_spec.weight, model.get_submodule(first_name).weight, observer)
+        for name, spec in group:
+            mod = model.get_submodule(name)
+            parent, child = _parent(model, name)
+            if isinstance(mod, nn.Embedding):
+                new = FakeQuantEmbedding(mod, wq)
+            else:
+                aq = ActQuantizer(spec.activations, act_observer) if spec.activations else None
+                new = FakeQuantLinear(mod, wq, aq)
+            new.to(mod.weight.device)
+            setattr(parent, child, new)
+    return model
+
+
+def fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if is_fake_quant(m):
+            yield name, m
+
+
+def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (WeightQuantizer, ActQuantizer)):
+            m.enabled = enabled
+
+
+def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
+    for m in model.modules():
+        if isinstance(m, WeightQuantizer):
+            m.freeze(frozen)
+        elif isinstance(m, ActQuantizer):
+            m.frozen.fill_(frozen)
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> dict[str, QTensor]:
+    """Module name -> the integer codes and parameters of its weight, exactly as its forward uses them.
+
+    ``get_format(q.format).dequantize(q)`` equals the layer's effective weight bitwise. The model is
+    left as it is, so ``fit``/``validate``/``test``/``predict`` keep working after ``convert``.
+    """
+    out = {}
+    for name, m in fake_quant_modules(model):
+        out[name] = m.quantize()
+    return out
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Swap fake-quant layers back to plain ones sharing the same Parameters (drops quantizer state)."""
+    for name, m in list(fake_quant_modules(model)):
+        parent, child = _parent(model, name)
+        setattr(parent, child, m.to_float())
+    return model
+
+
+@torch.no_grad()
+def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's float state dict with every fake-quantized weight replaced by its effective weight."""
+    sd = {k: v for k, v in model.state_dict().items() if "_fake_quant." not in k}
+    for name, m in fake_quant_modules(model):
+        sd[f"{name}.weight"] = m.effective_weight().detach().to(m.weight.dtype)
+    return sd
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module) -> list[dict]:
+    """Per fake-quant layer: relative MSE ``|w - w_hat|^2 / |w|^2`` and scale statistics."""
+    rows = []
+    for name, m in fake_quant_modules(model):
+        wq = m.weight_fake_quant
+        w = m.weight.detach().float()
+        was = wq.enabled
+        wq.enabled = True
+        w_hat = wq(w).float()
+        wq.enabled = was
+        rel = float((w - w_hat).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+        row = {"layer": name, "format": wq.fmt.name, "observer": wq.observer, "rel_mse": rel, "numel": w.numel()}
+        if wq.affine:
+            s = wq.scale.detach().abs().float()
+            row.update(scale_mean=float(s.mean()), scale_min=float(s.min()), scale_max=float(s.max()))
+        rows.append(row)
+    return rows

@@ -1,0 +1,103 @@
+"""Observers: dynamic, mse, learned, frozen; activation observers. State lives in buffers/parameters."""
+import torch
+from torch import nn
+
+from qat.formats import get_format
+from qat.formats.base import to_blocks
+from qat.observers import ActQuantizer, WeightQuantizer, mse_params
+
+
+def test_dynamic_recomputes_every_step():
+    w = nn.Parameter(torch.randn(4, 64))
+    wq = WeightQuantizer("q4_0", w, "dynamic")
+    wq(w)
+    s0 = wq.scale.clone()
+    with torch.no_grad():
+        w.mul_(2)
+    wq(w)
+    assert torch.equal(wq.scale, s0 * 2)
+
+
+def test_mse_never_worse_than_reference_and_clips_outliers():
+    fmt = get_format("int4_g32")
+    w = torch.randn(16, 64)
+    w[:, 0] = 8.0  # an outlier per block: clipping it lowers the MSE of the rest
+    blocks = to_blocks(w, 32)
+
+    def err(scale, zero):
+        return (fmt.decode(fmt.encode(blocks, scale, zero), scale, zero) - blocks).pow(2).sum(-1)
+
+    ref = err(*fmt.choose_params(blocks))
+    s, z = mse_params(fmt, blocks)
+    assert (err(s, z) <= ref).all()
+    assert (err(s, z) < ref).any()
+    assert (s < fmt.choose_params(blocks)[0]).any()
+
+
+def test_learned_is_parameter_initialised_from_mse():
+    w = nn.Parameter(torch.randn(4, 64))
+    wq = WeightQuantizer("int4_asym_g32", w, "learned")
+    params = dict(wq.named_parameters())
+    assert set(params) == {"scale", "zero"}
+    s, z = mse_params(wq.fmt, to_blocks(w.detach(), 32))
+    assert torch.equal(wq.scale.detach(), s) and torch.equal(wq.zero.detach(), z)
+    out = wq(w)
+    out.sum().backward()
+    assert wq.scale.grad is not None and w.grad is not None
+
+
+def test_frozen_observer_keeps_its_parameters_and_checkpoints_them():
+    w = nn.Parameter(torch.randn(4, 64))
+    wq = WeightQuantizer("q4_0", w, "mse")
+    wq(w)
+    wq.freeze()
+    s0 = wq.scale.clone()
+    with torch.no_grad():
+        w.mul_(3)
+    out = wq(w)
+    assert torch.equal(wq.scale, s0)
+    # codes now come from the stored parameters
+    assert torch.equal(out, wq.fmt.dequantize(wq.fmt.quantize_with(w.detach(), s0, None)))
+    sd = wq.state_dict()
+    assert set(sd) == {"frozen", "scale"} and bool(sd["frozen"])
+    fresh = WeightQuantizer("q4_0", torch.randn(4, 64), "mse")
+    fresh.load_state_dict(sd)
+    assert fresh._frozen and torch.equal(fresh.scale, s0)
+
+
+def test_disabled_quantizer_is_identity():
+    w = torch.randn(2, 32)
+    wq = WeightQuantizer("q4_0", w)
+    wq.enabled = False
+    assert wq(w) is w
+
+
+def test_non_affine_formats_only_take_dynamic():
+    import pytest
+
+    from qat.formats import QuantError
+    with pytest.raises(QuantError, match="only observer='dynamic'"):
+        fmt = get_format("q4_k")  # exists once k-quants are in
+        WeightQuantizer(fmt, torch.randn(2, 256), "mse")
+
+
+def test_per_token_dynamic_activation_quant():
+    aq = ActQuantizer("int8_asym_token")
+    x = torch.randn(2, 3, 64)
+    out = aq(x)
+    fmt = get_format("int8_asym_token")
+    ref = fmt.dequantize(fmt.quantize(x.reshape(6, 64))).reshape(2, 3, 64)
+    assert torch.equal(out, ref)
+
+
+def test_moving_average_activation_observer_updates_only_in_training():
+    aq = ActQuantizer("int8_asym_tensor", observer="moving_average", momentum=0.5)
+    aq.train()
+    aq(torch.full((2, 32), 1.0).index_fill_(1, torch.tensor([0]), -1.0))
+    assert float(aq.min_val) == -1.0 and float(aq.max_val) == 1.0
+    aq(torch.full((2, 32), 3.0).index_fill_(1, torch.tensor([0]), -3.0))
+    assert float(aq.min_val) == -2.0 and float(aq.max_val) == 2.0
+    aq.eval()
+    aq(torch.full((2, 32), 9.0))
+    assert float(aq.max_val) == 2.0
+    assert {"min_val", "max_val", "frozen"} <= set(aq.state_dict())

@@ -8,8 +8,9 @@ Rules, read from bitsandbytes (``functional.py``, ``backends/default/ops.py``, `
 * ``scaled = clamp(w * (1 / max(absmax, 1e-38)), -1, 1)``; the code is the nearest of the 16 NF4
   values, found by ``bucketize`` on the fp32 midpoints ``(c[i] + c[i+1]) / 2``: a value exactly on a
   midpoint takes the *lower* code. An all-zero block gets code 7 (0.0) everywhere.
-* Dequantization is ``NF4[code] * absmax`` in fp32 (bnb then casts to the weight's dtype with
-  round-to-nearest-even, which ``Tensor.to`` also does).
+* Dequantization is ``NF4[code] * absmax`` in fp32. bnb then casts to the weight's dtype with
+  round-to-nearest-even, as ``Tensor.to`` does; on CPUs with AVX512-BF16 its bf16 cast
+  (VCVTNEPS2BF16) also flushes subnormal values to zero.
 * Double quantization (``compress_statistics=True``): ``offset = absmax.mean()`` over the flat absmax
   vector, then ``absmax - offset`` is quantized blockwise (256 per block) to the 8-bit signed dynamic
   map. bnb's CPU kernel does not search the map: it maps ``v / blockmax`` to one of 65536 evenly
@@ -30,11 +31,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from . import register_format
 from .base import Format, QTensor, QuantError, check_finite, from_blocks, to_blocks
 
 __all__ = ["NF4Format", "NF4", "NF4_CODE", "DQ_BLOCK", "dynamic_map", "pack_nibbles", "unpack_nibbles",
@@ -81,9 +83,11 @@ def _quantize_dynamic(x: Tensor, block: int = DQ_BLOCK) -> tuple[Tensor, Tensor]
     n = x.numel()
     blocks = torch.nn.functional.pad(x, (0, -n % block)).reshape(-1, block)  # zero padding leaves max |x| alone
     blockmax = blocks.abs().amax(-1)
-    v = (blocks * (1.0 / blockmax).unsqueeze(-1)).clamp(-1.0, 1.0)
+    empty = blockmax == 0  # bnb writes code 0 for these blocks
+    inv = torch.where(empty, torch.zeros_like(blockmax), 1.0 / torch.where(empty, torch.ones_like(blockmax), blockmax))
+    v = (blocks * inv.unsqueeze(-1)).clamp(-1.0, 1.0)
     idx = ((v + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)  # C cast to uint16 truncates
-    codes = torch.where((blockmax == 0).unsqueeze(-1), torch.zeros_like(idx), lut[idx])
+    codes = torch.where(empty.unsqueeze(-1), torch.zeros_like(idx), lut[idx])
     return codes.reshape(-1)[:n].to(torch.uint8), blockmax
 
 
@@ -145,7 +149,7 @@ class NF4Format(Format):
         return f"NF4Format(double_quant={self.double_quant})"
 
 
-NF4 = NF4Format()
+NF4 = register_format(NF4Format())
 
 
 # -- bnb storage ---------------------------------------------------------------------------------------
@@ -192,7 +196,9 @@ def _bnb_absmax(qs: Any) -> Tensor:
 
 def dequantize_bnb(weight: Any) -> Tensor:
     """``bitsandbytes.functional.dequantize_4bit`` for an nf4 ``Params4bit`` or ``(packed, quant_state)``,
-    in fp32; ``.to(quant_state.dtype)`` gives bnb's result bitwise."""
+    in fp32 (bitwise bnb's result for fp32 weights). For bf16/fp16 weights bnb rounds this to the weight's
+    dtype; ``.to(dtype)`` matches it except that on CPUs with AVX512-BF16 bnb's bf16 cast flushes
+    subnormal values to zero."""
     packed, qs = _unwrap(weight)
     shape = tuple(qs.shape)
     codes = unpack_nibbles(packed, shape).reshape(-1).long()
@@ -233,12 +239,3 @@ def to_bnb(q: QTensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Any]
     else:
         qs = QuantState(absmax=q.scale.float().reshape(-1), **common)
     return pack_nibbles(q.codes), qs
-
-
-def _register() -> None:
-    from . import register_format
-
-    register_format(NF4)
-
-
-_register()

@@ -7,7 +7,8 @@ A *mix* (``q4_k_m`` ...) assigns schemes per tensor by llama.cpp's rules; see ``
 
 Rules are fnmatch patterns on module names; a pattern matches a name or any dotted suffix of it
 (``lm_head`` matches ``model.lm_head``). The first matching rule wins; ``None`` keeps a layer in float.
-Without rules, every ``nn.Linear`` except the output head is quantized and embeddings stay float.
+Without rules, every ``nn.Linear`` except the output head is quantized and embeddings stay float;
+a mix plans the output head and the token embedding too, as llama.cpp quantizes them.
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def build_plan(model: nn.Module, scheme: Optional[str], rules: Optional[Mapping[
     from .mixes import MIXES, mix_plan  # local: mixes imports plan
 
     if scheme is not None and scheme.lower() in MIXES:
+        if activations is not None:
+            raise QuantError(f"mix {scheme!r} quantizes weights only (as llama.cpp does); "
+                             f"activation quantization {activations!r} does not apply to it")
         mixed = mix_plan(model, scheme.lower())
         base_for = lambda name: mixed.get(name)  # noqa: E731
     else:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["QuantError", "QTensor", "Format", "AffineFormat", "check_finite", "to_blocks", "from_blocks"]
+__all__ = ["QuantError", "QTensor", "Format", "AffineFormat", "check_finite", "to_blocks", "from_blocks", "div"]
 
 
 class QuantError(ValueError):
@@ -57,6 +57,13 @@ def check_finite(w: Tensor, what: str = "tensor") -> None:
             f"{what} has {n_nan} NaN and {n_inf} Inf values; quantization needs finite input. "
             "Fix the weights (e.g. lower the learning rate or load a healthy checkpoint) before quantizing."
         )
+
+
+def div(a: Tensor, b: float) -> Tensor:
+    """IEEE ``a / b`` on every device. PyTorch's CUDA kernel turns division by a Python number (or CPU
+    scalar) into multiplication by its reciprocal, which rounds differently from llama.cpp's ``x / 127``;
+    a divisor tensor on ``a``'s own device keeps the true division."""
+    return a / torch.full((), b, dtype=a.dtype, device=a.device)
 
 
 def to_blocks(w: Tensor, block: int) -> Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import AffineFormat, QTensor, to_blocks
+from .base import AffineFormat, QTensor, div, to_blocks
 
 __all__ = ["GGMLFormat", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "GGML_FORMATS", "roundf"]
 
@@ -29,7 +29,7 @@ def roundf(y: Tensor) -> Tensor:
 
 
 def _safe_inv(d: Tensor) -> Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+    return torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / torch.where(d == 0, torch.ones_like(d), d))
 
 
 class GGMLFormat(AffineFormat):
@@ -85,7 +85,7 @@ class _SymMaxFormat(GGMLFormat):
     def choose_params(self, blocks: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         idx = blocks.abs().argmax(dim=-1, keepdim=True)  # first index on ties, as llama.cpp
         mx = blocks.gather(-1, idx).squeeze(-1)
-        return mx / -float(self.offset), None
+        return div(mx, -float(self.offset)), None
 
     def raw_codes(self, blocks: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         # C: MIN(15, (int8_t)(x*id + 8.5f)); trunc == floor here because clamping to >= 0 follows
@@ -101,7 +101,7 @@ class _MinMaxFormat(GGMLFormat):
     def choose_params(self, blocks: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         mn = blocks.amin(-1)
         mx = blocks.amax(-1)
-        return (mx - mn) / float(self.qmax), mn
+        return div(mx - mn, float(self.qmax)), mn
 
     def raw_codes(self, blocks: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         inv = _safe_inv(scale).unsqueeze(-1)
@@ -112,7 +112,7 @@ class _Q8_0(GGMLFormat):
     name, bits, qmin, qmax, ggml_type, type_size = "q8_0", 8, -128, 127, 8, 34
 
     def choose_params(self, blocks: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        return blocks.abs().amax(-1) / 127.0, None
+        return div(blocks.abs().amax(-1), 127.0), None
 
     def raw_codes(self, blocks: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         # llama.cpp never clamps Q8_0 (|x * 127/amax| <= 127); learned scales can, so encode() clamps.

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import AffineFormat, QuantError, to_blocks
+from .base import AffineFormat, QuantError, div, to_blocks
 
 __all__ = ["IntFormat", "parse_int_format"]
 
@@ -48,10 +48,10 @@ class IntFormat(AffineFormat):
             lo, hi = blocks.amin(-1), blocks.amax(-1)
         if self.symmetric:
             amax = torch.maximum(lo.abs(), hi.abs())
-            scale = amax / ((self.qmax - self.qmin) / 2)
+            scale = div(amax, (self.qmax - self.qmin) / 2)
             return scale.clamp_min(_EPS).contiguous(), None
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(_EPS)
+        scale = div(hi - lo, float(self.qmax - self.qmin)).clamp_min(_EPS)
         zp = torch.round(self.qmin - lo / scale).clamp(self.qmin, self.qmax)
         return scale.contiguous(), zp.contiguous()
 

@@ -1,0 +1,548 @@
+"""GGUF's k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: super-blocks of 256 weights split into sub-blocks of
+16 or 32, each sub-block with its own small integer scale (and min) under one fp16 super-block scale.
+
+The encoder follows llama.cpp's reference quantizers without an importance matrix
+(``quantize_row_q{2..6}_K_ref`` in ggml-quants.c, with ``make_qkx2_quants``, ``make_q3_quants``,
+``make_qx_quants`` and ``nearest_int``) operation for operation in fp32, so the bytes we write are the
+bytes ``llama-quantize`` writes and our fake-quantized weight is bitwise what llama.cpp reconstructs.
+It runs over all sub-blocks of a tensor at once; the only Python loops are over the fixed candidate
+grids of the searches and over the 16/32 elements of a sub-block where C accumulates sequentially.
+
+Bitwise equality with C rests on a few rules kept throughout:
+
+* every fp32 sum that C accumulates in a loop is accumulated in the same order (``_seqsum``),
+  never with ``torch.sum`` (pairwise);
+* every C expression keeps its evaluation order, ``w*x*l`` is ``(w*x)*l``;
+* divisions go through ``_div`` with tensor operands: ``63.0 / t`` in torch is ``t.reciprocal() * 63``,
+  and CUDA divides by a CPU scalar by multiplying with its reciprocal; both round differently;
+* ``sqrtf`` is an fp64 sqrt rounded to fp32 (``torch.sqrt`` on CPU can be an ulp off, see ``_sqrtf``);
+* ``nearest_int`` is C's ``12582912.f`` bit trick, bit for bit (round half to even in range);
+* integer stores wrap like C's ``uint8_t`` / ``int8_t`` assignments.
+
+Unpacked storage (``QTensor``): ``codes`` are the stored unsigned codes (Q3_K 0..7 means ``code - 4``,
+Q6_K 0..63 means ``code - 32``); ``scale`` is the fp16 super-block ``d``; ``zero`` is the fp16 ``dmin``
+(Q2_K, Q4_K, Q5_K); ``extra["sub_scales"]`` / ``extra["sub_mins"]`` hold the per-sub-block integers as
+dequantization uses them (Q3_K and Q6_K scales signed), shape ``(*lead, n_superblocks, n_sub)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import Format, QTensor, QuantError, check_finite
+
+__all__ = ["KQuantFormat", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "KQUANT_FORMATS", "nearest_int"]
+
+QK_K = 256
+_GROUP_MAX_EPS = float(np.float32(1e-15))
+
+
+# ------------------------------------------------------------------------------------------------
+# fp32 helpers that reproduce C semantics
+# ------------------------------------------------------------------------------------------------
+def _f32(v: float) -> float:
+    """A Python float holding exactly the fp32 value ``v`` rounds to."""
+    return float(np.float32(v))
+
+
+def nearest_int(f: Tensor) -> Tensor:
+    """llama.cpp's ``nearest_int``: add 1.5*2^23 in fp32 and read the low mantissa bits (int32).
+
+    Round half to even for ``|f| <= 4194303``; outside that range it returns the same garbage C does."""
+    v = f + 12582912.0
+    return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
+
+
+def _div(a, b) -> Tensor:
+    """IEEE fp32 ``a / b`` with both operands as tensors (see the module docstring for why)."""
+    if not isinstance(a, Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, Tensor):
+        b = torch.full_like(a, b)
+    return torch.div(a, b)
+
+
+def _seqsum(t: Tensor) -> Tensor:
+    """``float s = 0; for (i...) s += t[i];`` over dim 0, in that order."""
+    s = torch.zeros_like(t[0])
+    for v in t:
+        s = s + v
+    return s
+
+
+def _running_max(v: Tensor) -> Tensor:
+    """``float m = 0; if (v > m) m = v;`` over the last dim (never -0, never negative, skips NaN)."""
+    return torch.where(v > 0, v, torch.zeros_like(v)).amax(-1)
+
+
+def _first_absmax(v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` from amax = max = 0: (amax, signed max).
+
+    First index among equal maxima, as C's strict ``>``; NaN never wins (torch.argmax would pick it)."""
+    a = v.abs()
+    a = torch.where(a > 0, a, torch.zeros_like(a))
+    idx = a.argmax(dim, keepdim=True)
+    amax = a.gather(dim, idx).squeeze(dim)
+    mx = v.gather(dim, idx).squeeze(dim)
+    return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))
+
+
+def _as_uint8(i: Tensor) -> Tensor:
+    """C's store into ``uint8_t``. In range it changes nothing; it keeps us equal to C on the garbage
+    ``nearest_int`` returns when overflowing input (|w| ~ 1e19 and up) pushes values out of range."""
+    return i & 0xFF
+
+
+def _as_int8(i: Tensor) -> Tensor:
+    """C's store into ``int8_t`` (see ``_as_uint8``)."""
+    return ((i + 128) & 0xFF) - 128
+
+
+def _sqrtf(t: Tensor) -> Tensor:
+    """Correctly rounded fp32 sqrt, as C's ``sqrtf``. torch.sqrt on CPU may go through MKL's vector
+    math, which is off by an ulp at times; an fp64 sqrt rounded to fp32 is exact (53 >= 2*24 + 2 bits)."""
+    return torch.sqrt(t.double()).float()
+
+
+def _fp16(t: Tensor) -> Tensor:
+    """GGML_FP32_TO_FP16 then back: the value the file stores, in fp32."""
+    return t.to(torch.float16).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# the searches of ggml-quants.c. Inputs are element-major: x has shape (n, *batch), one column per
+# sub-block, so the sequential sums run over dim 0.
+# ------------------------------------------------------------------------------------------------
+def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric sub-block search: returns (scale, the_min, L) with ``x ~ scale*L - the_min``."""
+
+    def error(scale: Tensor, lf: Tensor, mn: Tensor) -> Tensor:
+        diff = scale * lf + mn - x
+        diff = diff.abs() if use_mad else diff * diff
+        return _seqsum(w * diff)
+
+    mn, mx = x.amin(0), x.amax(0)
+    wx = w * x
+    sum_w, sum_x = w[0], wx[0]
+    for i in range(1, x.shape[0]):
+        sum_w = sum_w + w[i]
+        sum_x = sum_x + wx[i]
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn
+
+    iscale = _div(float(nmax), mx - mn)
+    scale = _div(1.0, iscale)
+    L = nearest_int(iscale * (x - mn)).clamp(0, nmax)
+    best_error = error(scale, L.float(), mn)
+    for step in range(nstep + 1):
+        iscale = _div(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), mx - mn)
+        laux = nearest_int(iscale * (x - mn)).clamp(0, nmax)
+        lf = laux.float()
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * lf), _seqsum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
+        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
+        clip = this_min > 0
+        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(clip, _div(sum_xl, sum_l2), this_scale)
+        cur_error = error(this_scale, lf, this_min)
+        better = (D > 0) & (cur_error < best_error) & ~flat  # C returns before the search if flat
+        L = torch.where(better, laux, L)
+        best_error = torch.where(better, cur_error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)  # C updates min in place: later steps see it
+
+    zero = torch.zeros_like(scale)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    return torch.where(flat, zero, scale), -mn, L
+
+
+def _make_qx_quants_rmse1(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: symmetric, weights x^2 (Q6_K)."""
+    amax, mx = _first_absmax(x, 0)
+    w = x * x
+    wx = w * x
+
+    def candidate(iscale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+        lf = l.float()
+        return l + nmax, _seqsum(wx * lf), _seqsum(w * lf * lf)
+
+    L, sumlx, suml2 = candidate(_div(float(-nmax), mx))
+    scale = torch.where(suml2 != 0, _div(sumlx, suml2), torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        c = _f32(nmax + _f32(_f32(0.1) * step))
+        laux, sumlx, suml2 = candidate(_div(-c, mx))
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        L = torch.where(better, laux, L)
+        scale = torch.where(better, _div(sumlx, suml2), scale)
+        best = torch.where(better, scale * sumlx, best)
+
+    zero_group = amax < _GROUP_MAX_EPS
+    L = torch.where(zero_group, torch.zeros_like(L), L)
+    return torch.where(zero_group, torch.zeros_like(scale), scale), L
+
+
+def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """``make_q3_quants(n, nmax, x, L, do_rmse=true)``: symmetric start, then coordinate descent."""
+    amax, mx = _first_absmax(x, 0)
+    w = x * x
+    wx = w * x
+    L = nearest_int(_div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1)
+    lf = L.float()
+    sumlx, suml2 = _seqsum(wx * lf), _seqsum(w * lf * lf)
+    L = list(L.unbind(0))
+    for _ in range(5):
+        # A sub-block with no change in a pass has a fixed state, so running the remaining passes
+        # on it (instead of C's per-block break) changes nothing.
+        n_changed = torch.zeros_like(suml2, dtype=torch.bool)
+        for i in range(x.shape[0]):
+            li = L[i].float()
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = nearest_int(_div(x[i] * sl2, slx)).clamp(-nmax, nmax - 1)
+            tried = (slx > 0) & (new_l != L[i])
+            nf = new_l.float()
+            slx = slx + wx[i] * nf
+            sl2 = sl2 + w[i] * nf * nf
+            take = tried & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(take, new_l, L[i])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+            n_changed |= take
+        if not bool(n_changed.any()):
+            break
+    L = torch.stack(L) + nmax
+    scale = torch.where(suml2 > 0, _div(sumlx, suml2), torch.zeros_like(suml2))
+    zero_group = amax < _GROUP_MAX_EPS
+    L = torch.where(zero_group, torch.zeros_like(L), L)
+    return torch.where(zero_group, torch.zeros_like(scale), scale), L
+
+
+# ------------------------------------------------------------------------------------------------
+# formats
+# ------------------------------------------------------------------------------------------------
+class KQuantFormat(Format):
+    """A GGUF k-quant. Subclasses set the class constants and ``_encode`` / the byte layout."""
+
+    block = QK_K
+    scale_dtype = torch.float16
+    ggml_type: int
+    type_size: int
+    sub: int  # elements per sub-block
+    has_min: bool
+    code_offset: int = 0  # dequant uses codes - code_offset
+
+    # -- public API ----------------------------------------------------------------------------------
+    def quantize(self, w: Tensor) -> QTensor:
+        check_finite(w)
+        self.check_shape(tuple(w.shape))
+        return self._quantize(w)
+
+    def _quantize(self, w: Tensor) -> QTensor:
+        """The reference rule without the finite check (the fake quantizer calls this directly)."""
+        shape = tuple(w.shape)
+        x = w.detach().float().reshape(-1, QK_K)
+        n_sb, n_sub = x.shape[0], QK_K // self.sub
+        # element-major sub-blocks: (sub, n_sb, n_sub)
+        xe = x.reshape(n_sb, n_sub, self.sub).permute(2, 0, 1).contiguous()
+        d, dmin, sc, mn, L = self._encode(xe)
+        lead = shape[:-1] + (shape[-1] // QK_K,)
+        codes = L.permute(1, 2, 0).reshape(shape).to(torch.int16)
+        extra = {"sub_scales": sc.reshape(*lead, n_sub).to(torch.int16)}
+        if self.has_min:
+            extra["sub_mins"] = mn.reshape(*lead, n_sub).to(torch.int16)
+        return QTensor(
+            format=self.name,
+            shape=shape,
+            codes=codes,
+            scale=d.reshape(lead).to(torch.float16),
+            zero=dmin.reshape(lead).to(torch.float16) if self.has_min else None,
+            extra=extra,
+        )
+
+    def dequantize(self, q: QTensor) -> Tensor:
+        n_sub = QK_K // self.sub
+        codes = q.codes.reshape(*q.scale.shape, n_sub, self.sub).float()
+        dl = q.scale.float().unsqueeze(-1) * q.extra["sub_scales"].float()
+        if self.has_min:
+            ml = q.zero.float().unsqueeze(-1) * q.extra["sub_mins"].float()
+            out = dl.unsqueeze(-1) * codes - ml.unsqueeze(-1)
+        else:
+            out = dl.unsqueeze(-1) * (codes - self.code_offset)
+        return out.reshape(q.shape)
+
+    def fake(self, w: Tensor) -> Tensor:
+        return self.dequantize(self._quantize(w))
+
+    # -- bytes -------------------------------------------------------------------------------------
+    def to_bytes(self, q: QTensor) -> np.ndarray:
+        """Pack into llama.cpp's block layout: uint8 array ``(*shape[:-1], n_blocks * type_size)``."""
+        n_sub = QK_K // self.sub
+        codes = q.codes.detach().cpu().to(torch.int64).reshape(-1, QK_K)
+        sc = q.extra["sub_scales"].detach().cpu().to(torch.int64).reshape(-1, n_sub)
+        mn = q.extra["sub_mins"].detach().cpu().to(torch.int64).reshape(-1, n_sub) if self.has_min else None
+        d = q.scale.detach().cpu().to(torch.float16).reshape(-1, 1).view(torch.uint8)
+        dmin = q.zero.detach().cpu().to(torch.float16).reshape(-1, 1).view(torch.uint8) if self.has_min else None
+        out = torch.cat([p.to(torch.uint8) for p in self._pack(codes, sc, mn, d, dmin)], dim=-1)
+        assert out.shape[-1] == self.type_size
+        return out.reshape(*q.shape[:-1], -1).contiguous().numpy()
+
+    def from_bytes(self, data: np.ndarray, shape: tuple[int, ...]) -> QTensor:
+        shape = tuple(shape)
+        self.check_shape(shape)
+        raw = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).reshape(-1, self.type_size)
+        codes, sc, mn, d, dmin = self._unpack(raw.to(torch.int64), raw)
+        lead = shape[:-1] + (shape[-1] // QK_K,)
+        n_sub = QK_K // self.sub
+        extra = {"sub_scales": sc.reshape(*lead, n_sub).to(torch.int16)}
+        if self.has_min:
+            extra["sub_mins"] = mn.reshape(*lead, n_sub).to(torch.int16)
+        return QTensor(self.name, shape, codes.reshape(shape).to(torch.int16), d.reshape(lead),
+                       dmin.reshape(lead) if self.has_min else None, extra)
+
+    # -- per format ----------------------------------------------------------------------------------
+    def _encode(self, xe: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor], Tensor]:
+        """xe: (sub, n_sb, n_sub) -> d (n_sb), dmin, sub scales (n_sb, n_sub), sub mins, codes like xe."""
+        raise NotImplementedError
+
+    def _pack(self, codes, sc, mn, d, dmin) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _unpack(self, b: Tensor, raw: Tensor):
+        raise NotImplementedError
+
+
+def _f16_at(raw: Tensor, pos: int) -> Tensor:
+    return raw[:, pos:pos + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
+def _crumbs(codes: Tensor) -> Tensor:
+    """2-bit codes of 256 elements -> 64 bytes: byte 32*h + l holds element 128*h + 32*k + l at bits 2k."""
+    c = codes.reshape(-1, 2, 4, 32) & 3
+    return (c << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)).sum(2).reshape(-1, 64)
+
+
+def _uncrumb(qs: Tensor) -> Tensor:
+    return ((qs.reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)) & 3).reshape(-1, 256)
+
+
+def _bitplane(bits: Tensor, groups: int) -> Tensor:
+    """One bit per element, ``groups`` groups of 32: byte l holds element 32*k + l at bit k."""
+    b = bits.reshape(-1, groups, 32) & 1
+    return (b << torch.arange(groups).reshape(1, groups, 1)).sum(1)
+
+
+def _unbitplane(q: Tensor, groups: int) -> Tensor:
+    return ((q.reshape(-1, 1, 32) >> torch.arange(groups).reshape(1, groups, 1)) & 1).reshape(-1, 32 * groups)
+
+
+def _nibbles(codes: Tensor) -> Tensor:
+    """4-bit codes of 256 elements -> 128 bytes: byte 32*c + l holds elements 64c + l (low), 64c + 32 + l."""
+    c = codes.reshape(-1, 4, 2, 32) & 0xF
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _unnibble(qs: Tensor) -> Tensor:
+    q = qs.reshape(-1, 4, 1, 32)
+    return torch.cat([q & 0xF, q >> 4], dim=2).reshape(-1, 256)
+
+
+def _pack_scale_min_k4(ls: Tensor, lm: Tensor) -> Tensor:
+    """Eight 6-bit scales and mins into 12 bytes (get_scale_min_k4's layout)."""
+    lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([lo, mid, hi], dim=-1)
+
+
+def _unpack_scale_min_k4(q: Tensor) -> tuple[Tensor, Tensor]:
+    a, b, c = q[:, 0:4], q[:, 4:8], q[:, 8:12]
+    sc = torch.cat([a & 63, (c & 0xF) | ((a >> 6) << 4)], dim=-1)
+    mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1)
+    return sc, mn
+
+
+def _requantize(xe: Tensor, L: Tensor, d: Tensor, sc: Tensor, dmin: Optional[Tensor], mn: Optional[Tensor],
+                lo: int, hi: int, offset: int) -> Tensor:
+    """The final pass every k-quant ref makes: recompute codes from the stored fp16 ``d``/``dmin`` and
+    the integer sub-block scales; sub-blocks whose effective scale is 0 keep the search's codes."""
+    dq = _fp16(d).unsqueeze(-1) * sc.float()
+    y = xe if dmin is None else xe + _fp16(dmin).unsqueeze(-1) * mn.float()
+    l = nearest_int(_div(y, dq)).clamp(lo, hi) + offset
+    return torch.where(dq == 0, L, l)
+
+
+class _AsymKQuant(KQuantFormat):
+    """Q2_K / Q4_K / Q5_K: ``w = d*sc*q - dmin*m`` with sub-block scales from make_qkx2_quants."""
+
+    has_min = True
+    nmax: int
+    sub_bits: int  # bits of the sub-block scale / min (4 or 6)
+    rmin: float
+    rdelta: float = 0.1
+    nstep: int
+
+    def _weights(self, xe: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _encode(self, xe):
+        scales, mins, L = _make_qkx2_quants(xe, self._weights(xe), self.nmax, self.rmin, self.rdelta,
+                                            self.nstep, self.use_mad)
+        max_scale, max_min = _running_max(scales), _running_max(mins)
+        smax = float((1 << self.sub_bits) - 1)
+        has_scale, has_min = (max_scale > 0).unsqueeze(-1), (max_min > 0).unsqueeze(-1)
+        ls = nearest_int(_div(smax, max_scale).unsqueeze(-1) * scales)
+        lm = nearest_int(_div(smax, max_min).unsqueeze(-1) * mins)
+        ls = torch.where(has_scale, ls, torch.zeros_like(ls))
+        lm = torch.where(has_min, lm, torch.zeros_like(lm))
+        ls, lm = self._store_sub(ls, lm)
+        d = _div(max_scale, smax)
+        dmin = _div(max_min, smax)
+        L = _requantize(xe, L, d, ls, dmin, lm, 0, self.nmax, 0)
+        return d, dmin, ls, lm, L
+
+
+class _Q2_K(_AsymKQuant):
+    name, bits, ggml_type, type_size = "q2_k", 2, 10, 84
+    sub, nmax, sub_bits, rmin, nstep, use_mad = 16, 3, 4, -0.5, 15, True
+
+    def _weights(self, xe):
+        return xe.abs()
+
+    def _store_sub(self, ls, lm):
+        # y.scales[j] = l; y.scales[j] |= (l << 4): one uint8 byte holds both nibbles
+        byte = _as_uint8(ls) | _as_uint8(lm << 4)
+        return byte & 0xF, byte >> 4
+
+    def _pack(self, codes, sc, mn, d, dmin):
+        return [sc | (mn << 4), _crumbs(codes), d, dmin]
+
+    def _unpack(self, b, raw):
+        sc = b[:, :16]
+        return _uncrumb(b[:, 16:80]), sc & 0xF, sc >> 4, _f16_at(raw, 80), _f16_at(raw, 82)
+
+
+class _K4Scales(_AsymKQuant):
+    sub, sub_bits, rdelta = 32, 6, 0.1
+    use_mad = False
+
+    def _weights(self, xe):
+        av_x = _sqrtf(_div(_seqsum(xe * xe), 32.0))
+        return av_x + xe.abs()
+
+    def _store_sub(self, ls, lm):
+        # uint8_t ls = nearest_int(...); ls = MIN(63, ls);
+        return _as_uint8(ls).clamp(max=63), _as_uint8(lm).clamp(max=63)
+
+
+class _Q4_K(_K4Scales):
+    name, bits, ggml_type, type_size = "q4_k", 4, 12, 144
+    nmax, rmin, nstep = 15, -1.0, 20
+
+    def _pack(self, codes, sc, mn, d, dmin):
+        return [d, dmin, _pack_scale_min_k4(sc, mn), _nibbles(codes)]
+
+    def _unpack(self, b, raw):
+        sc, mn = _unpack_scale_min_k4(b[:, 4:16])
+        return _unnibble(b[:, 16:144]), sc, mn, _f16_at(raw, 0), _f16_at(raw, 2)
+
+
+class _Q5_K(_K4Scales):
+    name, bits, ggml_type, type_size = "q5_k", 5, 13, 176
+    nmax, rmin, nstep = 31, -0.5, 15
+
+    def _pack(self, codes, sc, mn, d, dmin):
+        return [d, dmin, _pack_scale_min_k4(sc, mn), _bitplane(codes >> 4, 8), _nibbles(codes)]
+
+    def _unpack(self, b, raw):
+        sc, mn = _unpack_scale_min_k4(b[:, 4:16])
+        codes = _unnibble(b[:, 48:176]) | (_unbitplane(b[:, 16:48], 8) << 4)
+        return codes, sc, mn, _f16_at(raw, 0), _f16_at(raw, 2)
+
+
+class _Q3_K(KQuantFormat):
+    """``w = d*(sc - 32)*(q - 4)``, 6-bit sub-block scales, codes from make_q3_quants."""
+
+    name, bits, ggml_type, type_size = "q3_k", 3, 11, 110
+    sub, has_min, code_offset = 16, False, 4
+
+    def _encode(self, xe):
+        scales, L = _make_q3_quants_rmse(xe, 4)
+        _, max_scale = _first_absmax(scales, -1)
+        nonzero = (max_scale != 0).unsqueeze(-1)
+        iscale = _div(-32.0, max_scale)
+        l = _as_int8(nearest_int(iscale.unsqueeze(-1) * scales)).clamp(-32, 31) + 32
+        sc = torch.where(nonzero, l, torch.zeros_like(l)) - 32  # scale bytes stay 0 when max_scale == 0
+        d = torch.where(nonzero.squeeze(-1), _div(1.0, iscale), torch.zeros_like(iscale))
+        L = _requantize(xe, L, d, sc, None, None, -4, 3, 4)
+        return d, None, sc, None, L
+
+    def _pack(self, codes, sc, mn, d, dmin):
+        l = sc + 32
+        low = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
+        high = ((l >> 4).reshape(-1, 4, 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 4, 1)).sum(1)
+        return [_bitplane(codes >> 2, 8), _crumbs(codes), low, high, d]
+
+    def _unpack(self, b, raw):
+        codes = _uncrumb(b[:, 32:96]) | (_unbitplane(b[:, 0:32], 8) << 2)
+        s = b[:, 96:108]
+        low = torch.cat([s[:, :8] & 0xF, s[:, :8] >> 4], dim=-1)
+        high = ((s[:, 8:12].reshape(-1, 1, 4) >> torch.tensor([0, 2, 4, 6]).reshape(1, 4, 1)) & 3).reshape(-1, 16)
+        return codes, (low | (high << 4)) - 32, None, _f16_at(raw, 108), None
+
+
+class _Q6_K(KQuantFormat):
+    """``w = d*sc*(q - 32)``, int8 sub-block scales, codes from make_qx_quants (rmse_type 1)."""
+
+    name, bits, ggml_type, type_size = "q6_k", 6, 14, 210
+    sub, has_min, code_offset = 16, False, 32
+
+    def _encode(self, xe):
+        scales, L = _make_qx_quants_rmse1(xe, 32)
+        max_abs, max_scale = _first_absmax(scales, -1)
+        zero_block = max_abs < _GROUP_MAX_EPS  # C memsets the whole block
+        iscale = _div(-128.0, max_scale)
+        sc = _as_int8(nearest_int(iscale.unsqueeze(-1) * scales).clamp(max=127))
+        sc = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(sc), sc)
+        d = torch.where(zero_block, torch.zeros_like(iscale), _div(1.0, iscale))
+        L = _requantize(xe, L, d, sc, None, None, -32, 31, 32)
+        L = torch.where(zero_block.unsqueeze(-1), torch.zeros_like(L), L)
+        return d, None, sc, None, L
+
+    def _pack(self, codes, sc, mn, d, dmin):
+        c = codes.reshape(-1, 2, 4, 32)
+        ql = torch.cat([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
+                        (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], dim=-1).reshape(-1, 128)
+        qh = ((c >> 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)).sum(2).reshape(-1, 64)
+        return [ql, qh, sc & 0xFF, d]
+
+    def _unpack(self, b, raw):
+        ql = b[:, :128].reshape(-1, 2, 2, 32)
+        qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)
+        low = torch.stack([ql[:, :, 0] & 0xF, ql[:, :, 1] & 0xF, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], dim=2)
+        codes = (low | ((qh & 3) << 4)).reshape(-1, 256)
+        sc = raw[:, 192:208].contiguous().view(torch.int8).to(torch.int64)
+        return codes, sc, None, _f16_at(raw, 208), None
+
+
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = _Q2_K(), _Q3_K(), _Q4_K(), _Q5_K(), _Q6_K()
+KQUANT_FORMATS = {f.name: f for f in (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
+
+
+def _register() -> None:
+    from . import register_format  # the package module runs this file from its own import
+
+    for fmt in KQUANT_FORMATS.values():
+        register_format(fmt)
+
+
+_register()

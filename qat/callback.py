@@ -4,16 +4,19 @@ Modules are swapped in ``setup("fit")``, which Lightning runs before checkpoint 
 wrapping (DDP/FSDP) and ``configure_optimizers``: restored weights land in fake-quant layers, learned
 scales exist before the optimizer is built, and FSDP wraps the swapped layers. Nothing patches
 ``forward``; ``fit`` can run twice and ``validate``/``test``/``predict`` work before and after
-``qat.convert``.
+``qat.convert``. A QLoRA model (peft LoRA on bitsandbytes NF4 layers) is prepared with
+``qat.qlora.prepare_qlora``: the merged weight ``dequant_nf4(W) + s * B @ A`` is what gets fake-quantized.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from .prepare import fake_quant_modules, freeze_observers, layer_errors, prepare, set_fake_quant_enabled
+from .observers import WeightQuantizer
+from .prepare import freeze_observers, layer_errors, prepare, set_fake_quant_enabled
 
 __all__ = ["QATCallback"]
 
@@ -46,11 +49,29 @@ class QATCallback(L.Callback):
 
     # -- surgery ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or any(True for _ in fake_quant_modules(pl_module)):
+        if stage != "fit" or any(isinstance(m, WeightQuantizer) for m in pl_module.modules()):
             return  # already prepared (second fit, or a model prepared by hand)
-        prepare(pl_module, self.scheme, self.rules, observer=self.observer, activations=self.activations,
-                act_observer=self.act_observer, skip_incompatible=self.skip_incompatible)
+        prepare_fn = prepare
+        if "peft" in sys.modules:  # only a model with peft layers can be a QLoRA model; skip the import otherwise
+            from .qlora import is_qlora, prepare_qlora
+            if is_qlora(pl_module):
+                prepare_fn = prepare_qlora  # LoRA on NF4: fake-quantize the merged weight
+        prepare_fn(pl_module, self.scheme, self.rules, observer=self.observer, activations=self.activations,
+                   act_observer=self.act_observer, skip_incompatible=self.skip_incompatible)
         self._apply_schedule(pl_module, trainer.global_step)
+        self._allow_unused_learned_scales(trainer)
+
+    def _allow_unused_learned_scales(self, trainer: L.Trainer) -> None:
+        """Learned scales take no part in the loss before ``start_step`` (and get no gradient once frozen
+        at ``freeze_step``); DDP then stops with "parameters
+        that were not used". We run before the strategy wraps the model, so we can ask DDP to look for
+        unused parameters (what the user would otherwise have to pass) instead of faking a gradient,
+        which AdamW's weight decay would turn into a real update."""
+        if self.observer != "learned" or (self.start_step <= 0 and self.freeze_step is None):
+            return
+        kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+        if isinstance(kwargs, dict) and not kwargs.get("find_unused_parameters"):
+            kwargs["find_unused_parameters"] = True
 
     def _apply_schedule(self, pl_module: L.LightningModule, step: int) -> None:
         set_fake_quant_enabled(pl_module, step >= self.start_step)

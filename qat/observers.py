@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .fake_quant import fake_quantize, fake_quantize_any, fake_quantize_lsq
+from .kernels.triton_fq import can_fuse, fused_ste
 from .formats import AffineFormat, Format, QTensor, QuantError, get_format
 from .formats.base import to_blocks
 
@@ -105,7 +106,14 @@ class WeightQuantizer(nn.Module):
         if not self.affine:
             return fake_quantize_any(w, self.fmt)
         if self.observer == "learned":
+            if self._frozen:  # frozen: the learned values are used as they are, and get no gradient
+                return fake_quantize(w, self.fmt, self.scale, self._learned_zero())
             return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
+        if can_fuse(w, self.fmt):  # one GPU kernel: parameters (unless frozen/mse), codes, w_hat, mask
+            dynamic = self.observer == "dynamic" and not self._frozen
+            if not dynamic:
+                self.observe(w)
+            return fused_ste(w, self.fmt, self.scale, self.zero, dynamic)
         self.observe(w)
         return fake_quantize(w, self.fmt, self.scale, self.zero)
 
@@ -115,10 +123,14 @@ class WeightQuantizer(nn.Module):
         if not self.affine:
             return self.fmt.quantize(w.detach())
         self.observe(w)
-        zero = self.zero
-        if zero is not None and self.observer == "learned" and self.fmt.zero_kind == "zp":
-            zero = torch.round(zero)
+        zero = self._learned_zero() if self.observer == "learned" else self.zero
         return self.fmt.quantize_with(w.detach(), self.scale.detach(), None if zero is None else zero.detach())
+
+    def _learned_zero(self):
+        """A learned integer zero-point is a float Parameter, rounded where it is used (as LSQ's forward does)."""
+        if self.zero is not None and self.fmt.zero_kind == "zp":
+            return torch.round(self.zero.detach())
+        return self.zero
 
     def extra_repr(self) -> str:
         return f"format={self.fmt.name}, observer={self.observer}"

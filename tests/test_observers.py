@@ -101,3 +101,15 @@ def test_moving_average_activation_observer_updates_only_in_training():
     aq(torch.full((2, 32), 9.0))
     assert float(aq.max_val) == 2.0
     assert {"min_val", "max_val", "frozen"} <= set(aq.state_dict())
+
+
+def test_frozen_learned_scales_get_no_gradient_and_stay_bitwise():
+    w = nn.Parameter(torch.randn(4, 64))
+    wq = WeightQuantizer("int4_asym_g32", w, "learned")
+    wq.freeze()
+    s0, z0 = wq.scale.detach().clone(), wq.zero.detach().clone()
+    out = wq(w)
+    out.sum().backward()
+    assert wq.scale.grad is None and wq.zero.grad is None and w.grad is not None
+    assert torch.equal(out, wq.fmt.dequantize(wq.quantize(w)))
+    assert torch.equal(wq.scale.detach(), s0) and torch.equal(wq.zero.detach(), z0)

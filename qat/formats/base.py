@@ -50,13 +50,16 @@ class QTensor:
 
 
 def check_finite(w: Tensor, what: str = "tensor") -> None:
-    if not torch.isfinite(w).all():
-        n_nan = int(torch.isnan(w).sum())
-        n_inf = int(torch.isinf(w).sum())
-        raise QuantError(
-            f"{what} has {n_nan} NaN and {n_inf} Inf values; quantization needs finite input. "
-            "Fix the weights (e.g. lower the learning rate or load a healthy checkpoint) before quantizing."
-        )
+    # One reduction instead of a bool tensor the size of w: a NaN or Inf anywhere makes the sum
+    # non-finite; only then (or on overflow of a finite sum) look element by element.
+    if torch.isfinite(w.sum(dtype=torch.float32)) or torch.isfinite(w).all():
+        return
+    n_nan = int(torch.isnan(w).sum())
+    n_inf = int(torch.isinf(w).sum())
+    raise QuantError(
+        f"{what} has {n_nan} NaN and {n_inf} Inf values; quantization needs finite input. "
+        "Fix the weights (e.g. lower the learning rate or load a healthy checkpoint) before quantizing."
+    )
 
 
 def div(a: Tensor, b: float) -> Tensor:

@@ -40,7 +40,7 @@ class GGMLFormat(AffineFormat):
 
     def to_bytes(self, q: QTensor) -> np.ndarray:
         """Pack into llama.cpp's block layout: uint8 array ``(*shape[:-1], n_blocks * type_size)``."""
-        codes = to_blocks(q.codes, 32).to(torch.int64)
+        codes = to_blocks(q.codes, 32) if q.codes.dtype.is_floating_point else q.codes.reshape(*q.codes.shape[:-1], -1, 32)
         lead = codes.shape[:-1]
         parts = [q.scale.to(torch.float16).reshape(*lead, 1).view(torch.uint8)]
         if self.zero_kind == "min":
@@ -48,12 +48,13 @@ class GGMLFormat(AffineFormat):
         if self.bits == 8:
             parts.append(codes.to(torch.int8).view(torch.uint8))
         else:
-            low = codes & 0xF
+            c = codes.to(torch.uint8)  # 0..31
             if self.bits == 5:
-                hi_bits = (codes >> 4) & 1
-                qh = (hi_bits << torch.arange(32, dtype=torch.int64)).sum(-1, keepdim=True)
-                parts.append(qh.to(torch.int32).view(torch.uint8))
-            parts.append((low[..., :16] | (low[..., 16:] << 4)).to(torch.uint8))
+                hi_bits = (c >> 4).to(torch.int32)
+                qh = (hi_bits << torch.arange(32, dtype=torch.int32)).sum(-1, keepdim=True, dtype=torch.int32)
+                parts.append(qh.view(torch.uint8))
+            low = c & 0xF
+            parts.append(low[..., :16] | (low[..., 16:] << 4))
         out = torch.cat(parts, dim=-1)
         return out.reshape(*q.shape[:-1], -1).contiguous().numpy()
 

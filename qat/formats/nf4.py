@@ -203,7 +203,9 @@ def dequantize_bnb(weight: Any) -> Tensor:
     shape = tuple(qs.shape)
     codes = unpack_nibbles(packed, shape).reshape(-1).long()
     absmax = _bnb_absmax(qs).repeat_interleave(qs.blocksize)[: codes.numel()]
-    return (_cached(codes.device)[0][codes] * absmax).reshape(shape)
+    # bnb's own codebook (equal to NF4_CODE), as the nested absmax uses its map: no lru_cache on this path,
+    # so torch.compile traces it whole
+    return (qs.code.float()[codes] * absmax).reshape(shape)
 
 
 def from_bnb(packed: Tensor, quant_state: Any) -> QTensor:

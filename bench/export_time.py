@@ -1,0 +1,78 @@
+"""GGUF export time: qat's writer (codes from the QAT model) vs llama.cpp's own quantizer from an F16
+GGUF, same machine, same thread count, side by side.
+
+    python bench/export_time.py --type q4_0 --threads 2 --out bench/results/export_time.json
+
+Both produce the same tensor types: every Linear in ``--type``, the (tied) embedding in F16.
+The qat side is the full ``export_gguf`` (codes from ``qat.convert``, packing, tokenizer metadata,
+writing); the llama.cpp side is ``llama_model_quantize`` of the F16 file (reading, quantizing, writing).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qat  # noqa: E402
+from bench.quality import load_base, smollm2_gguf  # noqa: E402
+from qat.export.gguf import export_gguf  # noqa: E402
+
+FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q3_k_m": 12}
+GGML_F16 = 1
+
+
+def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = ftype
+    params.token_embedding_type = GGML_F16
+    params.output_tensor_type = GGML_F16
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--type", default="q4_0", choices=sorted(FTYPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_base(smollm2_gguf())
+    work = Path(tempfile.mkdtemp(prefix="qat-export-time-"))
+    f16 = export_gguf(model, tok, work / "model.F16.gguf", float_type="f16", force=True, progress=False)
+    qat.prepare(model, args.type, rules={"*.embed_tokens": None})
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        export_gguf(model, tok, work / "ours.gguf", float_type="f16", force=True, progress=False)
+        ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        llama_quantize(f16, work / "llama.gguf", FTYPES[args.type], args.threads)
+        theirs.append(time.perf_counter() - t0)
+    res = dict(type=args.type, threads=args.threads, qat_s=statistics.median(ours), llamacpp_s=statistics.median(theirs),
+               ratio=statistics.median(ours) / statistics.median(theirs),
+               qat_mib=(work / "ours.gguf").stat().st_size / 2**20, llamacpp_mib=(work / "llama.gguf").stat().st_size / 2**20,
+               all_qat_s=ours, all_llamacpp_s=theirs)
+    print(json.dumps(res, indent=1))
+    print(f"\n{args.type}, {args.threads} threads: qat {res['qat_s']:.2f} s, llama.cpp {res['llamacpp_s']:.2f} s "
+          f"-> {res['ratio']:.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Training-step time and peak memory: bf16 vs qat fake quant vs torchao QAT, side by side in one process.
+
+    python bench/speed.py --model smollm2 --batch 8 --seq 2048 --out bench/results/speed_smollm2.json
+    python bench/speed.py --model llama1b --batch 4 --seq 2048
+
+Random init (speed needs no trained weights), pure bf16 weights and fused AdamW, as in the torchao
+reference table of issue 7. Each variant runs ``--warmup`` steps, then ``--steps`` timed with CUDA events
+(median reported). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+}
+
+
+def build(model_name: str, variant: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=4096, **MODELS[model_name])
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    if variant.startswith("qat:"):
+        import qat
+        qat.prepare(model, variant.split(":", 1)[1])
+    elif variant == "torchao":
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+        quantize_(model, QATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True),
+                                   step="prepare"))
+    return model
+
+
+def run_variant(args, variant: str, compiled: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.pop("QAT_DISABLE_TRITON", None)
+    if variant.endswith("+eager-torch"):  # our eager PyTorch path on GPU, without the fused kernel
+        os.environ["QAT_DISABLE_TRITON"] = "1"
+        variant_build = variant.removesuffix("+eager-torch")
+    else:
+        variant_build = variant
+    model = build(args.model, variant_build, device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    step_fn = model
+    if compiled:
+        step_fn = torch.compile(model)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
+
+    def step():
+        loss = step_fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    ms = statistics.median(times)
+    res = dict(model=args.model, variant=variant, compiled=compiled, batch=args.batch, seq=args.seq,
+               ms_per_step=ms, tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
+               device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    del model, opt, step_fn
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--variants", default="bf16,qat:int4_w_g32,qat:q4_0,torchao")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = []
+    for mode in args.modes.split(","):
+        for v in args.variants.split(","):
+            try:
+                r = run_variant(args, v, mode == "compile")
+            except Exception as e:  # keep the other rows
+                r = dict(model=args.model, variant=v, compiled=mode == "compile", error=repr(e)[:300])
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(f"\n{'mode':8} {'variant':26} {'ms/step':>9} {'x bf16':>7} {'tok/s':>10} {'peak GiB':>9} {'x bf16':>7}")
+    for mode in args.modes.split(","):
+        base = next((r for r in rows if r["variant"] == "bf16" and r["compiled"] == (mode == "compile") and "error" not in r), None)
+        for r in rows:
+            if r["compiled"] != (mode == "compile"):
+                continue
+            if "error" in r:
+                print(f"{mode:8} {r['variant']:26} error: {r['error'][:80]}")
+                continue
+            rt = r["ms_per_step"] / base["ms_per_step"] if base else float("nan")
+            rm = r["peak_gib"] / base["peak_gib"] if base else float("nan")
+            print(f"{mode:8} {r['variant']:26} {r['ms_per_step']:9.1f} {rt:7.3f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {rm:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,14 +18,13 @@ import gc
 import json
 import statistics
 import sys
-import threading
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import time_steps  # noqa: E402
 
 MODELS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -33,33 +32,6 @@ MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
 }
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (CPU runs; needs psutil)."""
-
-    def __init__(self, every_s: float = 0.005):
-        self.every_s, self.peak, self._stop = every_s, float("nan"), threading.Event()
-
-    def __enter__(self):
-        try:
-            import psutil
-        except ImportError:
-            return self
-        proc = psutil.Process()
-        self.peak = proc.memory_info().rss
-
-        def poll():
-            while not self._stop.wait(self.every_s):
-                self.peak = max(self.peak, proc.memory_info().rss)
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join()
 
 
 def build(args, arm: str, device: str):
@@ -98,26 +70,7 @@ def run_arm(args, arm: str, compiled: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())  # read after timing: no extra sync per step
 
-    for _ in range(args.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    with PeakRSS() if device == "cpu" else nullcontext() as rss:
-        for _ in range(args.steps):
-            if device == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                step()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
+    times, peak = time_steps(step, args.warmup, args.steps, device)
     res = dict(arm=arm, compiled=compiled, model=args.model, batch=args.batch, seq=args.seq, r=args.r,
                gradient_checkpointing=args.gradient_checkpointing, ms_per_step=statistics.median(times),
                ms_per_step_all=times, peak_gib=peak / 2**30, peak_kind="cuda_allocated" if device == "cuda" else "rss",

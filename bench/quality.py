@@ -138,7 +138,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from qat.export.gguf import export_gguf
 
-    rows, float_model = [], None
+    rows = []
     for variant in args.variants.split(","):
         model = copy.deepcopy(base)
         if variant.startswith("qat:"):
@@ -146,7 +146,6 @@ def main() -> None:
         seconds = train(model, blocks, args, device, variant)
         entries = [(variant, model)]
         if variant == "float":
-            float_model = model
             ptq = copy.deepcopy(model).cpu()
             qat.prepare(ptq, args.scheme)
             entries.append((f"ptq:{args.scheme}", ptq))

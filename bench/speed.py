@@ -15,12 +15,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import time_steps  # noqa: E402
 
 MODELS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -73,25 +73,8 @@ def run_variant(args, variant: str, compiled: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    times, peak = time_steps(step, args.warmup, args.steps, device)
+    peak = peak / 2**30 if device == "cuda" else float("nan")
     ms = statistics.median(times)
     res = dict(model=args.model, variant=variant, compiled=compiled, batch=args.batch, seq=args.seq,
                ms_per_step=ms, tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,

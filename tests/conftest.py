@@ -19,6 +19,15 @@ def tiny_llama(vocab=256, hidden=64, inter=128, layers=2, heads=4, kv_heads=2, t
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors and matmuls: one thread is faster, and much faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def llama():
     return tiny_llama()
 

@@ -26,12 +26,7 @@ SHAPES = [(64,), (3, 128), (2, 5, 192), (40, 512)]  # 1, 6, 30, 320 blocks (320:
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:

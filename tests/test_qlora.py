@@ -30,13 +30,7 @@ VOCAB = 384  # room for tiny_lm's BPE tokenizer, for the GGUF round trip
 HEADS, KV_HEADS = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def tiny(hidden=128, inter=256, tie=True, seed=0):

@@ -10,6 +10,7 @@ never a traceback. A bug in qat still gives a traceback (exit 1), so the two are
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -32,13 +33,19 @@ def fail(message: str) -> NoReturn:
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> NoReturn:
-    """Run ``main(argv)``; user errors (``UserError`` and ``qat.QuantError``) become one message and exit 2."""
+    """Run ``main(argv)``; user errors (``UserError`` and ``qat.QuantError``) and a full disk become one
+    message and exit 2."""
     from .formats import QuantError  # a scheme a layer cannot take is the user's to fix too
 
     try:
         code = main(argv)
     except (UserError, QuantError) as e:
         fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        fail(f"no space left on the device{where}: free some space, or write elsewhere (output_dir=, --out)")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)

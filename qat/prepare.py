@@ -13,8 +13,8 @@ from .modules import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
 from .observers import ActQuantizer, WeightQuantizer
 from .plan import LayerSpec, build_plan
 
-__all__ = ["prepare", "convert", "fake_quant_modules", "set_fake_quant_enabled", "freeze_observers",
-           "unprepare", "layer_errors", "effective_state_dict"]
+__all__ = ["prepare", "check_plan", "convert", "fake_quant_modules", "set_fake_quant_enabled", "freeze_observers",
+           "unprepare", "layer_errors", "effective_state_dict", "nonfinite_parameters"]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -34,30 +34,7 @@ def prepare(model: nn.Module, scheme: Optional[str] = None, rules: Optional[Mapp
     """
     if any(is_fake_quant(m) for m in model.modules()):
         raise QuantError("model is already prepared for QAT; call qat.unprepare(model) first to re-plan it")
-    plan = build_plan(model, scheme, rules, activations)
-    problems, by_param = [], {}
-    for name, spec in plan.items():
-        mod = model.get_submodule(name)
-        fmt = get_format(spec.weight)
-        try:
-            fmt.check_shape(tuple(mod.weight.shape))
-            check_finite(mod.weight, f"{name}.weight")
-        except QuantError as e:
-            if skip_incompatible and "NaN" not in str(e):
-                warnings.warn(f"qat: keeping {name} in float: {e}", stacklevel=2)
-                continue
-            problems.append(f"{name} ({spec.name}): {e}")
-            continue
-        by_param.setdefault(id(mod.weight), []).append((name, spec))
-    if problems:
-        raise QuantError("cannot quantize these layers as planned:\n  " + "\n  ".join(problems)
-                         + "\nFix: give them another scheme in `rules` (None keeps float) or pass skip_incompatible=True.")
-    for group in by_param.values():
-        specs = {spec.weight for _, spec in group}
-        if len(specs) > 1:
-            names = ", ".join(n for n, _ in group)
-            raise QuantError(f"{names} share one weight tensor but were planned as {sorted(specs)}; "
-                             "give them the same scheme in `rules`")
+    for group in _checked_plan(model, scheme, rules, activations, skip_incompatible).values():
         first_name, first_spec = group[0]
         wq = WeightQuantizer(first_spec.weight, model.get_submodule(first_name).weight, observer)
         for name, spec in group:
@@ -71,6 +48,53 @@ def prepare(model: nn.Module, scheme: Optional[str] = None, rules: Optional[Mapp
             new.to(mod.weight.device)
             setattr(parent, child, new)
     return model
+
+
+def check_plan(model: nn.Module, scheme: Optional[str] = None, rules: Optional[Mapping[str, Optional[str]]] = None,
+               activations: Optional[str] = None, skip_incompatible: bool = False) -> None:
+    """Raise the QuantError ``prepare`` would raise for ``model`` (layer shapes, non-finite weights, tied
+    layers planned apart), without changing it: a run checks its plan before it trains anything."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prepare warns about skipped layers itself
+        _checked_plan(model, scheme, rules, activations, skip_incompatible)
+
+
+def _checked_plan(model: nn.Module, scheme: Optional[str], rules: Optional[Mapping[str, Optional[str]]],
+                  activations: Optional[str], skip_incompatible: bool) -> dict[int, list[tuple[str, LayerSpec]]]:
+    """The plan's layers grouped by weight Parameter (tied layers share one quantizer), checked."""
+    plan = build_plan(model, scheme, rules, activations)
+    problems, by_param, misfits = [], {}, False
+    for name, spec in plan.items():
+        mod = model.get_submodule(name)
+        fmt = get_format(spec.weight)
+        try:
+            fmt.check_shape(tuple(mod.weight.shape))
+            check_finite(mod.weight, f"{name}.weight")
+        except QuantError as e:
+            if skip_incompatible and "NaN" not in str(e):
+                warnings.warn(f"qat: keeping {name} in float: {e}", stacklevel=3)
+                continue
+            problems.append(f"{name} ({spec.name}): {e}")
+            misfits |= "NaN" not in str(e)
+            continue
+        by_param.setdefault(id(mod.weight), []).append((name, spec))
+    if problems:
+        raise QuantError("cannot quantize these layers as planned:\n  " + "\n  ".join(problems)
+                         + ("\nFix: give them another scheme in `rules` (None keeps float) or pass "
+                            "skip_incompatible=True." if misfits else ""))
+    for group in by_param.values():
+        specs = {spec.weight for _, spec in group}
+        if len(specs) > 1:
+            names = ", ".join(n for n, _ in group)
+            raise QuantError(f"{names} share one weight tensor but were planned as {sorted(specs)}; "
+                             "give them the same scheme in `rules`")
+    return by_param
+
+
+def nonfinite_parameters(model: nn.Module) -> str:
+    """The names of the parameters holding NaN or Inf (a diverged run, a damaged file), "" if none."""
+    bad = [n for n, p in model.named_parameters() if not p.isfinite().all()]
+    return ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 def fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

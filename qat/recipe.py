@@ -208,6 +208,7 @@ class TrainConfig(_Section):
     val_batches: Optional[PosInt] = None        # batches per in-training validation
     log_every_n_steps: PosInt = 10
     num_threads: Optional[PosInt] = None        # torch CPU threads (None: torch's default)
+    checkpoint_every_n_steps: Optional[PosInt] = None  # also save checkpoints/last.ckpt every N steps, for --resume
 
 
 class QuantConfig(_Section):

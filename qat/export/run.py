@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from ..prepare import fake_quant_modules
+from ..prepare import fake_quant_modules, nonfinite_parameters
 from .io import ExportError
 
 __all__ = ["export_run", "export_to", "parse_target", "TARGETS", "default_name"]
@@ -62,6 +62,10 @@ def export_to(model: nn.Module, tokenizer, target: str, out: str | os.PathLike, 
     """Export ``model`` to one target (see the module docstring) at ``out``."""
     model = _model_of(model)
     kind, sub = parse_target(target)
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise ExportError(f"the model's weights hold NaN or Inf values ({bad}): training diverged or the checkpoint "
+                          "is damaged; export an earlier checkpoint, or train again with a lower train.lr")
     if kind == "gguf":
         from .gguf import export_gguf
         file_type = None

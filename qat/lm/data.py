@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..cli import UserError
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..recipe import DataConfig
 
 __all__ = ["Document", "shakespeare_dir", "shakespeare_documents", "play_name", "load_documents",
-           "split_documents", "pack", "TextDataModule", "TEXT_SUFFIXES", "TABLE_SUFFIXES"]
+           "split_documents", "pack", "EpochShuffle", "TextDataModule", "TEXT_SUFFIXES", "TABLE_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -227,10 +227,18 @@ def pack(docs: Sequence[Document], tokenizer, seq_len: int) -> "Dataset":
         n = len(flat) // seq_len * seq_len
         return {"input_ids": [flat[i:i + seq_len] for i in range(0, n, seq_len)]}
 
-    table = Dataset.from_dict({"text": [d.text for d in docs if d.text.strip()]})
-    table = table.map(tokenise, batched=True, remove_columns=["text"])
-    # one batch: documents are joined across the whole split, so only the last partial block is lost
-    return table.map(blocks, batched=True, batch_size=len(table), remove_columns=["ids"]).with_format("torch")
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()  # two quick maps: their bars would only clutter the run's log
+    try:
+        table = Dataset.from_dict({"text": [d.text for d in docs if d.text.strip()]})
+        table = table.map(tokenise, batched=True, remove_columns=["text"])
+        # one batch: documents are joined across the whole split, so only the last partial block is lost
+        return table.map(blocks, batched=True, batch_size=len(table), remove_columns=["ids"]).with_format("torch")
+    finally:
+        if not quiet:
+            enable_progress_bars()
 
 
 def _spread(n: int, k: Optional[int]) -> list[int]:
@@ -252,6 +260,42 @@ class SplitSummary:
         return (f"train: {len(self.train_documents)} documents, {self.train_blocks} blocks x {self.seq_len} tokens | "
                 f"val: {', '.join(self.val_documents[:8])}{' ...' if len(self.val_documents) > 8 else ''} "
                 f"({self.val_blocks} blocks)")
+
+
+class EpochShuffle(Sampler[int]):
+    """The order of ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``, epoch for
+    epoch, computed from the epoch number rather than carried in a generator, and able to start part-way
+    into an epoch. A resumed run re-creates its DataLoader; with a plain seeded generator it would replay
+    the first epoch's order, here it continues exactly where the checkpoint left off."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0):
+        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+        self._at: tuple[int, Optional[torch.Tensor]] = (0, None)  # (epoch, generator state at its start)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch start; it applies to the next ``iter``."""
+        if epoch != self.epoch:
+            self.epoch, self.skip = epoch, 0
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        start, state = self._at if self._at[0] <= epoch else (0, None)
+        g = torch.Generator()
+        g.manual_seed(self.seed) if state is None else g.set_state(state)
+        for _ in range(start, epoch):  # per epoch the DataLoader drew its base seed, then RandomSampler
+            torch.empty((), dtype=torch.int64).random_(generator=g)  # a permutation and an empty tail
+            torch.randperm(self.n, generator=g)
+            torch.randperm(self.n, generator=g)
+        self._at = (epoch, g.get_state())
+        return g
+
+    def __iter__(self):
+        g = self._generator(self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)
+        skip, self.skip = self.skip, 0
+        return iter(torch.randperm(self.n, generator=g)[skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class TextDataModule(L.LightningDataModule):
@@ -287,8 +331,24 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.cfg.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        if self.trainer is not None and self.trainer.world_size > 1:  # Lightning shards with a DistributedSampler
+            return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                              num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        sampler = EpochShuffle(len(self.train_set), self.seed, *self._resume_position())
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+                          generator=torch.Generator())  # the loader's own base-seed draw stays off the global RNG
+
+    def _resume_position(self) -> tuple[int, int]:
+        """``(epoch, samples to skip)`` where a run restored at ``trainer.global_step`` continues. An optimizer
+        step takes ``accumulate_grad_batches`` batches, and Lightning steps at an epoch's end, so an epoch
+        of N batches is ``ceil(N / accumulate)`` steps."""
+        trainer = self.trainer
+        if trainer is None or not trainer.global_step:
+            return 0, 0
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.batch_size) / accumulate)
+        epoch, steps = divmod(trainer.global_step, steps_per_epoch)
+        return epoch, steps * accumulate * self.batch_size
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

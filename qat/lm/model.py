@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,10 +168,12 @@ def load_model(cfg: "ModelConfig", seed: int = 0):
             return _drop_gguf_quantizer(model), tok
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, **common)
         return model, AutoTokenizer.from_pretrained(cfg.path, **common)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, struct.error, EOFError) as e:
         if isinstance(e, UserError):
             raise
-        raise UserError(f"cannot load model.path={cfg.path or EMBEDDED_NAME!r} (model.kind={cfg.kind}): {e}") from e
+        why = f"the file is truncated or corrupt ({e})" if isinstance(e, (struct.error, EOFError)) else \
+            f"{e} (is the GGUF file complete?)" if cfg.kind == "gguf" else e
+        raise UserError(f"cannot load model.path={cfg.path or EMBEDDED_NAME!r} (model.kind={cfg.kind}): {why}") from e
 
 
 def save_model_config(model: nn.Module, tokenizer, directory: Path) -> None:

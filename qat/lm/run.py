@@ -14,13 +14,17 @@ float / PTQ / QAT perplexity, logs to W&B and calls the export hook. Outputs::
     runs/<name>/wandb/                   the W&B run (offline unless wandb.mode=online)
     runs/<name>/exports/                 written by ``export_run``
 
-``load_run(run_dir or .ckpt)`` rebuilds any of these models, quantization included.
+``load_run(run_dir or .ckpt)`` rebuilds any of these models, quantization included. Checkpoints are
+written atomically; ``train_run(recipe, resume=True)`` (``scripts/train.py --resume``) continues an
+interrupted run from them exactly: the same loss curve, quantizer state and data order.
 """
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -30,17 +34,21 @@ from typing import Iterator, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from ..cli import UserError
+from ..export.io import atomic_file
 from ..evaluate import EvalReport, bake_weights, perplexity, ptq_model
-from ..prepare import fake_quant_modules, layer_errors, prepare, set_fake_quant_enabled
+from ..prepare import (check_plan, fake_quant_modules, layer_errors, nonfinite_parameters, prepare,
+                       set_fake_quant_enabled)
 from ..recipe import ExportConfig, Recipe, dump_config, load_resolved
 from .data import TextDataModule
 from .model import build_from_config, context_length, load_model, save_model_config
 from .module import CausalLMModule, freeze_except
 
-__all__ = ["train_run", "fit", "load_run", "evaluate_run", "compare", "export_run", "run_paths"]
+__all__ = ["train_run", "fit", "load_run", "read_checkpoint", "evaluate_run", "compare", "export_run",
+           "run_paths"]
 
 FLOAT_DIR = "float"  # the float twin's run directory, inside the main one
 
@@ -108,7 +116,63 @@ def _new_run_dir(run_dir: Path) -> None:
             raise UserError(f"{run_dir} exists and is not a run directory; pick another name= or output_dir=")
         print(f"qat: replacing the previous run in {run_dir}", flush=True)
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run directory {run_dir}: {e.strerror}; pick another output_dir=") from e
+
+
+def _check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """``--resume`` continues a run only with the recipe it was started with: anything else would not be
+    the run that was interrupted."""
+    import yaml
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = yaml.safe_load(dump_config(recipe))
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items()
+                for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) and value
+                             else [(f"{prefix}{key}", value)])}
+    a, b = flat(saved), flat(now)
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        raise UserError(f"--resume: the recipe differs from {run_dir / 'config.yaml'} in {', '.join(changed)}; "
+                        "resume with the recipe and overrides the run was started with, or drop --resume to "
+                        "start afresh")
+
+
+class _AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints land whole or not at all: written to a temporary sibling and renamed over the previous
+    one, so a kill mid-write leaves the last checkpoint intact (Lightning's writer renames from $TMPDIR,
+    which is a copy when that is another filesystem). A full disk is one clear message."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, force=True) as tmp, open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """A checkpoint of ours, read with ``weights_only=True``; a truncated, corrupt or untrusted file is a UserError."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a complete PyTorch checkpoint (truncated or corrupt); re-run the training, "
+                        "or --resume it if it saved an intact checkpoint before")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds Python objects other than tensors and plain containers; refusing to load it "
+                        f"(unpickling them could run arbitrary code). Load only checkpoints written by "
+                        f"scripts/train.py. ({str(e).splitlines()[0]})") from e
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"{path} is corrupt ({str(e).splitlines()[0]}); re-run the training") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path} is not a Lightning checkpoint of scripts/train.py (no state_dict)")
+    return ckpt
 
 
 def _logger(recipe: Recipe, out_dir: Path, name: str, job: str):
@@ -139,8 +203,9 @@ def run_paths(run_dir: Path) -> dict[str, Path]:
 # -- training -----------------------------------------------------------------------------------------
 
 def fit(model: nn.Module, recipe: Recipe, datamodule: TextDataModule, out_dir: Path, job: str,
-        quantize: bool) -> tuple[CausalLMModule, object, list]:
-    """Fine-tune ``model`` (in place) as the recipe's ``train:`` says; with QAT when ``quantize``.
+        quantize: bool, resume: bool = False) -> tuple[CausalLMModule, object, list]:
+    """Fine-tune ``model`` (in place) as the recipe's ``train:`` says; with QAT when ``quantize``; from
+    ``out_dir/checkpoints/last.ckpt`` when ``resume`` and there is one.
 
     Returns the module, the QATCallback (or None) and the loggers, still open for the eval to log into.
     """
@@ -159,8 +224,10 @@ def fit(model: nn.Module, recipe: Recipe, datamodule: TextDataModule, out_dir: P
         total = sum(p.numel() for p in module.parameters())
     print(f"qat: {job}: training {_count(trained)} of {_count(total)} parameters for {t.max_steps} steps", flush=True)
     from lightning.pytorch.callbacks import ModelCheckpoint
+    last = out_dir / "checkpoints" / "last.ckpt"
+    every = t.checkpoint_every_n_steps or t.max_steps
     callbacks = [ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True, save_top_k=0,
-                                 every_n_train_steps=t.max_steps, enable_version_counter=False)]
+                                 every_n_train_steps=every, enable_version_counter=False)]
     qat_cb = None
     if quantize:
         from ..callback import QATCallback
@@ -175,22 +242,34 @@ def fit(model: nn.Module, recipe: Recipe, datamodule: TextDataModule, out_dir: P
         logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
         val_check_interval=t.val_every_n_steps if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=(t.val_batches or 1.0) if validate else 0, num_sanity_val_steps=0,
-        enable_model_summary=False)
+        enable_model_summary=False, plugins=[_AtomicCheckpointIO()])
+    ckpt_path = None
+    if resume and last.is_file():
+        step = read_checkpoint(last, mmap=True).get("global_step")  # refuse a corrupt or untrusted file up front
+        print(f"qat: {job}: resuming from {last} (step {step} of {t.max_steps})", flush=True)
+        ckpt_path = str(last)
+    elif resume:
+        print(f"qat: {job}: no checkpoint in {last.parent} yet; training from the start", flush=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*`val_check_interval`.*")
-        trainer.fit(module, datamodule=datamodule)
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # EpochShuffle resumes there
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.global_step % every:  # Lightning's last.ckpt is the last multiple of `every`: keep the final step
+        trainer.save_checkpoint(last)
     return module, qat_cb, [logger]
 
 
-def train_run(recipe: Recipe) -> Path:
-    """The main job: fine-tune (QAT and its float twin as the recipe says), evaluate, export. Returns the run dir."""
-    import datasets
-    datasets.disable_progress_bars()
+def train_run(recipe: Recipe, resume: bool = False) -> Path:
+    """The main job: fine-tune (QAT and its float twin as the recipe says), evaluate, export. Returns the run dir.
+
+    ``resume``: continue the run in ``recipe.run_dir`` from its last checkpoints (the recipe must be the one
+    it was started with); without a previous run it starts afresh."""
     t0 = time.perf_counter()
     run_dir = recipe.run_dir
-    _new_run_dir(run_dir)
-    (run_dir / "config.yaml").write_text(dump_config(recipe))
+    resuming = resume and (run_dir / "config.yaml").is_file()
+    if resuming:
+        _check_resumable(run_dir, recipe)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     q = recipe.quant
@@ -199,31 +278,47 @@ def train_run(recipe: Recipe) -> Path:
 
     with _stage(f"loading model ({recipe.model.kind}{': ' + recipe.model.path if recipe.model.path else ''})"):
         model, tokenizer = load_model(recipe.model, seed=recipe.seed)
-        save_model_config(model, tokenizer, run_dir / "model")
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise UserError(f"the model's weights hold NaN or Inf values ({bad}): the model files are damaged; "
+                        "load an intact copy")
     with _stage(f"loading and packing data ({recipe.data.source})"):
         data = TextDataModule(recipe.data, tokenizer, recipe.train.batch_size, recipe.eval.batch_size,
                               seed=recipe.seed, max_context=context_length(model))
         data.setup()
     print(f"qat: {data.summary}", flush=True)
+    if q is not None and recipe.qlora is None:  # a layer the scheme cannot take fails now, not after the twin trained
+        check_plan(model, q.scheme, q.rules, q.activations, q.skip_incompatible)
+
+    # only now, with model, data and plan known to work, does the previous run make way
+    if resuming:
+        print(f"qat: resuming the run in {run_dir}", flush=True)
+    else:
+        if resume:
+            print(f"qat: no run to resume in {run_dir}; starting afresh", flush=True)
+        _new_run_dir(run_dir)
+        (run_dir / "config.yaml").write_text(dump_config(recipe))
+    save_model_config(model, tokenizer, run_dir / "model")
 
     float_module = None
     if twin:
         float_dir = run_dir / FLOAT_DIR
-        float_dir.mkdir()
+        float_dir.mkdir(exist_ok=resume)
         # the twin's own config: no quant, nothing to export (it is the baseline, not a deliverable)
         twin_config = recipe.model_copy(update={"quant": None, "export": ExportConfig()})
         (float_dir / "config.yaml").write_text(dump_config(twin_config))
         save_model_config(model, tokenizer, float_dir / "model")
         with _stage("training the float twin (the PTQ baseline)"):
             float_module, _, loggers = fit(_adapt(copy.deepcopy(model), recipe), recipe, data, float_dir,
-                                           "float twin", quantize=False)
+                                           "float twin", quantize=False, resume=resume)
             _merge(float_module, recipe)
         for lg in loggers:
             _finish(lg)
 
     job = "QAT" if qat_mode else "float fine-tune"
     with _stage(f"training: {job}" + (f" {q.scheme}" if qat_mode else "")):
-        module, qat_cb, loggers = fit(_adapt(model, recipe), recipe, data, run_dir, job, quantize=qat_mode)
+        module, qat_cb, loggers = fit(_adapt(model, recipe), recipe, data, run_dir, job, quantize=qat_mode,
+                                      resume=resume)
         _merge(module, recipe)
     if not qat_mode:
         float_module = module
@@ -373,19 +468,24 @@ def load_run(run_dir_or_ckpt: str | os.PathLike, map_location: str | torch.devic
     if not ckpt.is_file():
         raise UserError(f"no checkpoint at {ckpt}: is {run_dir} a finished run of scripts/train.py?")
     config = load_resolved(run_dir / "config.yaml")
+    state = read_checkpoint(ckpt, map_location)["state_dict"]
     model, tokenizer = build_from_config(run_dir / "model", config.model.trust_remote_code)
-    state = torch.load(ckpt, map_location=map_location, weights_only=True)["state_dict"]
     q = config.quant
     if config.qlora is not None:
         return _load_qlora_run(_module(_adapt(model, config), config), state, config), tokenizer, config
     module = _module(model, config)
     float_state = {k: v for k, v in state.items() if "_fake_quant." not in k}
-    module.load_state_dict(float_state, strict=q is None or q.mode != "qat")
-    if q is not None:
-        prepare(module, **q.prepare_kwargs("dynamic" if q.mode == "ptq" else None))
-        if q.mode == "qat":
-            module.load_state_dict(state)  # the quantizers' trained state (scales, frozen flags)
-        set_fake_quant_enabled(module, True)
+    try:
+        module.load_state_dict(float_state, strict=q is None or q.mode != "qat")
+        if q is not None:
+            prepare(module, **q.prepare_kwargs("dynamic" if q.mode == "ptq" else None))
+            if q.mode == "qat":
+                module.load_state_dict(state)  # the quantizers' trained state (scales, frozen flags)
+            set_fake_quant_enabled(module, True)
+    except RuntimeError as e:  # missing/unexpected keys, shapes
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{ckpt} does not fit the model and quantization in {run_dir} (model/, config.yaml): "
+                        f"{lines[min(1, len(lines) - 1)][:300]}; were they edited after training?") from e
     return module.eval(), tokenizer, config
 
 

@@ -38,6 +38,42 @@ def main():
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+    # host (CPU) microseconds per call of each piece, one 1536x576 bf16 layer: what a CPU-bound eager step pays
+    import time
+
+    import torch.nn.functional as F
+
+    from qat.observers import WeightQuantizer
+
+    def host_us(fn, n=300):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / n * 1e6
+
+    w = (torch.randn(1536, 576, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(64, 576, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(64, 1536, device="cuda", dtype=torch.bfloat16)
+    for name in ["q4_0", "int4_g32"]:
+        wq = WeightQuantizer(name, w.detach().float()).cuda()
+        from qat.kernels.triton_fq import fused_fake_quant
+        s, z = wq.scale, wq.zero
+        rows = {
+            "aten mul (one launch)": lambda: w.detach() * 2,
+            "fused_fake_quant (raw kernel)": lambda: fused_fake_quant(w.detach(), wq.fmt, s, z, True),
+            "WeightQuantizer forward": lambda: wq(w.detach()),
+            "linear fwd+bwd, float": lambda: F.linear(x, w).backward(g),
+            "linear fwd+bwd, fake quant": lambda: F.linear(x, wq(w)).backward(g),
+        }
+        for k, fn in rows.items():
+            print(f"host us/call {name:9} {k:32} {host_us(fn):8.1f}", flush=True)
 
     # inductor vs eager numerics of the fake quant alone
     from qat.formats import get_format

@@ -53,9 +53,13 @@ def build(model_name: str, variant: str, device: str):
 def run_variant(args, variant: str, compiled: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.pop("QAT_DISABLE_TRITON", None)
+    os.environ.pop("QAT_BATCHED_FQ", None)
     if variant.endswith("+eager-torch"):  # our eager PyTorch path on GPU, without the fused kernel
         os.environ["QAT_DISABLE_TRITON"] = "1"
         variant_build = variant.removesuffix("+eager-torch")
+    elif variant.endswith("+per-layer"):  # one kernel launch per layer (what DDP/FSDP and compile use)
+        os.environ["QAT_BATCHED_FQ"] = "0"
+        variant_build = variant.removesuffix("+per-layer")
     else:
         variant_build = variant
     model = build(args.model, variant_build, device)

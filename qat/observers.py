@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .fake_quant import fake_quantize, fake_quantize_any, fake_quantize_lsq
+from .kernels.batch import group_of
 from .kernels.triton_fq import can_fuse, fused_ste
 from .formats import AffineFormat, Format, QTensor, QuantError, get_format
 from .formats.base import to_blocks
@@ -79,6 +80,21 @@ class WeightQuantizer(nn.Module):
                 self.register_buffer("scale", scale.clone())
                 self.register_buffer("zero", None if zero is None else zero.clone())
 
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.bfloat16)`` (bf16-true training) must move the quantization parameters but
+        # never round them: they are fp32 (what the formats compute and export), whatever the weights are.
+        keep = {k: t.data for k in ("scale", "zero") if (t := getattr(self, k, None)) is not None}
+        super()._apply(fn, recurse)
+        for k, old in keep.items():
+            new = getattr(self, k)
+            if new.dtype != old.dtype:
+                fixed = old.to(new.device)
+                if isinstance(new, nn.Parameter):
+                    new.data = fixed
+                else:
+                    setattr(self, k, fixed)
+        return self
+
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or resume) updating the parameters; the stored ones are then used as they are."""
         if frozen != self._frozen:
@@ -109,6 +125,12 @@ class WeightQuantizer(nn.Module):
             if self._frozen:  # frozen: the learned values are used as they are, and get no gradient
                 return fake_quantize(w, self.fmt, self.scale, self._learned_zero())
             return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
+        if self.observer == "dynamic" and not self._frozen:  # all layers in one launch (kernels/batch.py)
+            group = group_of(self)
+            if group is not None and group.active(w):
+                out = group.take(self, w)
+                if out is not None:
+                    return out
         if can_fuse(w, self.fmt):  # one GPU kernel: parameters (unless frozen/mse), codes, w_hat, mask
             dynamic = self.observer == "dynamic" and not self._frozen
             if not dynamic:

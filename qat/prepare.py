@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .formats import QTensor, QuantError, check_finite, get_format
+from .kernels.batch import attach as attach_batch
 from .modules import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
 from .observers import ActQuantizer, WeightQuantizer
 from .plan import LayerSpec, build_plan
@@ -47,6 +48,7 @@ def prepare(model: nn.Module, scheme: Optional[str] = None, rules: Optional[Mapp
                 new = FakeQuantLinear(mod, wq, aq)
             new.to(mod.weight.device)
             setattr(parent, child, new)
+    attach_batch(model)
     return model
 
 
@@ -124,9 +126,13 @@ def convert(model: nn.Module) -> dict[str, QTensor]:
     ``get_format(q.format).dequantize(q)`` equals the layer's effective weight bitwise. The model is
     left as it is, so ``fit``/``validate``/``test``/``predict`` keep working after ``convert``.
     """
-    out = {}
+    out, done = {}, {}
     for name, m in fake_quant_modules(model):
-        out[name] = m.quantize()
+        # tied layers share one weight and one quantizer: quantize it once, both names get that QTensor
+        key = (id(m.weight), id(m.weight_fake_quant))
+        if key not in done:
+            done[key] = m.quantize()
+        out[name] = done[key]
     return out
 
 

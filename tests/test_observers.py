@@ -1,4 +1,5 @@
 """Observers: dynamic, mse, learned, frozen; activation observers. State lives in buffers/parameters."""
+import pytest
 import torch
 from torch import nn
 
@@ -113,3 +114,22 @@ def test_frozen_learned_scales_get_no_gradient_and_stay_bitwise():
     assert wq.scale.grad is None and wq.zero.grad is None and w.grad is not None
     assert torch.equal(out, wq.fmt.dequantize(wq.quantize(w)))
     assert torch.equal(wq.scale.detach(), s0) and torch.equal(wq.zero.detach(), z0)
+
+
+@pytest.mark.parametrize("observer", ["dynamic", "learned"])
+def test_model_cast_keeps_quant_params_fp32(observer):
+    """bf16-true training casts the model: scales/zero stay the exact fp32 values (Parameters stay the same
+    objects, so optimizers holding them still work)."""
+    import qat
+    from conftest import tiny_llama
+    m = tiny_llama()
+    qat.prepare(m, "q4_1", observer=observer)
+    q = m.model.layers[0].self_attn.q_proj.weight_fake_quant
+    before = {k: (getattr(q, k), getattr(q, k).detach().clone()) for k in ("scale", "zero")}
+    m.to(torch.bfloat16)
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    for k, (obj, val) in before.items():
+        now = getattr(q, k)
+        assert now.dtype == torch.float32 and torch.equal(now, val)
+        if observer == "learned":
+            assert now is obj

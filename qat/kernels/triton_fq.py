@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -23,6 +25,10 @@ try:
     HAS_TRITON = True
 except Exception:  # pragma: no cover - CPU-only installs
     HAS_TRITON = False
+
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors through numpy (tests/test_triton_interpret.py), where
+# libdevice does not exist: there, IEEE numpy operations stand in for the correctly rounded intrinsics.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 from ..formats import AffineFormat
 from ..formats.ggml import GGMLFormat
@@ -41,17 +47,45 @@ def kernel_kind(fmt: AffineFormat) -> Optional[int]:
     return None
 
 
+if HAS_TRITON and not INTERPRET:
+    _div, _mul, _add, _rint, _round = libdevice.div_rn, libdevice.mul_rn, libdevice.add_rn, libdevice.rint, libdevice.round
+elif HAS_TRITON:
+    @triton.jit
+    def _div(a, b):
+        return a / b
+
+    @triton.jit
+    def _mul(a, b):
+        return a * b
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _rint(x):  # round half to even
+        f = tl.floor(x)
+        d = x - f
+        even = tl.floor(f * 0.5) * 2.0 == f
+        return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(even, f, f + 1.0)))
+
+    @triton.jit
+    def _round(x):  # round half away from zero
+        a = tl.abs(x)
+        f = tl.floor(a)
+        r = tl.where(a - f >= 0.5, f + 1.0, f)
+        return tl.where(x < 0, -r, r)
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _fq_kernel(W, OUT, MASK, SCALE, ZERO, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
-                   offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
-                   HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
-        # qmin/qmax/offset are per-format float constants (constexpr: under torch.compile a runtime
-        # float argument would arrive as fp64). Every product that feeds a sum is mul_rn/add_rn: those are
-        # never contracted into an FMA, whatever compiler options launch us (torch.compile included).
-        pid = tl.program_id(0)
-        rows = pid * ROWS + tl.arange(0, ROWS)
+    def _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
+                 offset: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
+        # Blocks ``rows`` of one weight. qmin/qmax/offset are per-format float constants (constexpr: under
+        # torch.compile a runtime float argument would arrive as fp64). Every product that feeds a sum is
+        # mul_rn/add_rn: never contracted into an FMA, whatever compiler options launch us.
         cols = tl.arange(0, BLOCK)
         rmask = rows < n_blocks
         offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
@@ -63,24 +97,24 @@ if HAS_TRITON:
                 amax = tl.max(ax, axis=1)
                 first = tl.min(tl.where(ax == amax[:, None], cols[None, :], BLOCK), axis=1)
                 mx = tl.sum(tl.where(cols[None, :] == first[:, None], x, 0.0), axis=1)
-                scale = libdevice.div_rn(mx, -offset)
+                scale = _div(mx, -offset)
                 zero = scale * 0.0
             elif KIND == 1:  # Q8_0: d = amax / 127
-                scale = libdevice.div_rn(tl.max(tl.abs(x), axis=1), 127.0)
+                scale = _div(tl.max(tl.abs(x), axis=1), 127.0)
                 zero = scale * 0.0
             elif KIND == 2:  # Q4_1/Q5_1: d = (max - min) / qmax, m = min
                 mn = tl.min(x, axis=1)
-                scale = libdevice.div_rn(tl.max(x, axis=1) - mn, qmax)
+                scale = _div(tl.max(x, axis=1) - mn, qmax)
                 zero = mn
             elif KIND == 3:  # int symmetric: amax / ((qmax - qmin) / 2), floored at eps
                 amax = tl.maximum(tl.abs(tl.min(x, axis=1)), tl.abs(tl.max(x, axis=1)))
-                scale = tl.maximum(libdevice.div_rn(amax, (qmax - qmin) * 0.5), 1.1920928955078125e-07)
+                scale = tl.maximum(_div(amax, (qmax - qmin) * 0.5), 1.1920928955078125e-07)
                 zero = scale * 0.0
             else:  # int asymmetric, range including 0
                 lo = tl.minimum(tl.min(x, axis=1), 0.0)
                 hi = tl.maximum(tl.max(x, axis=1), 0.0)
-                scale = tl.maximum(libdevice.div_rn(hi - lo, qmax - qmin), 1.1920928955078125e-07)
-                zero = libdevice.rint(qmin - libdevice.div_rn(lo, scale))
+                scale = tl.maximum(_div(hi - lo, qmax - qmin), 1.1920928955078125e-07)
+                zero = _rint(qmin - _div(lo, scale))
                 zero = tl.minimum(tl.maximum(zero, qmin), qmax)
             tl.store(SCALE + rows, scale, mask=rmask)
             if HAS_ZERO:
@@ -97,15 +131,15 @@ if HAS_TRITON:
         else:
             s_st = scale
         if KIND <= 2:
-            inv = tl.where(scale == 0.0, 0.0, libdevice.div_rn(1.0, tl.where(scale == 0.0, 1.0, scale)))
+            inv = tl.where(scale == 0.0, 0.0, _div(1.0, tl.where(scale == 0.0, 1.0, scale)))
             if KIND == 0:
-                raw = tl.floor(libdevice.add_rn(libdevice.mul_rn(x, inv[:, None]), offset + 0.5))
+                raw = tl.floor(_add(_mul(x, inv[:, None]), offset + 0.5))
             elif KIND == 1:
-                raw = libdevice.round(libdevice.mul_rn(x, inv[:, None]))
+                raw = _round(_mul(x, inv[:, None]))
             else:
-                raw = tl.floor(libdevice.add_rn(libdevice.mul_rn(x - zero[:, None], inv[:, None]), 0.5))
+                raw = tl.floor(_add(_mul(x - zero[:, None], inv[:, None]), 0.5))
         else:
-            raw = libdevice.rint(libdevice.div_rn(x, s_st[:, None]))
+            raw = _rint(_div(x, s_st[:, None]))
             if KIND == 4:
                 raw = raw + zero[:, None]
         codes = tl.minimum(tl.maximum(raw, qmin), qmax) + 0.0
@@ -114,13 +148,42 @@ if HAS_TRITON:
                 z_st = zero.to(tl.float16).to(tl.float32)
             else:
                 z_st = zero
-            w_hat = libdevice.add_rn(libdevice.mul_rn(codes, s_st[:, None]), z_st[:, None])
+            w_hat = _add(_mul(codes, s_st[:, None]), z_st[:, None])
         elif KIND == 4:
             w_hat = (codes - zero[:, None]) * s_st[:, None]
         else:
             w_hat = (codes - offset) * s_st[:, None]
         tl.store(OUT + offs, w_hat.to(OUT.dtype.element_ty), mask=rmask[:, None])
-        tl.store(MASK + offs, raw == codes, mask=rmask[:, None])
+        tl.store(MASK + offs, (raw == codes).to(MASK.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def _fq_kernel(W, OUT, MASK, SCALE, ZERO, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
+                   offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
+                   HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO, SCALE_F16)
+
+    @triton.jit
+    def _fq_multi_kernel(WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
+                         offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, WDT: tl.constexpr):
+        # Many weights of one format in one launch (horizontal fusion): program -> (layer PL, first block
+        # PR); per layer, the weight and scale/zero buffer addresses (WP, SP, ZP), its element offset in
+        # the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        if WDT == 0:
+            W = tl.load(WP + layer).to(tl.pointer_type(tl.float32))
+        elif WDT == 1:
+            W = tl.load(WP + layer).to(tl.pointer_type(tl.bfloat16))
+        else:
+            W = tl.load(WP + layer).to(tl.pointer_type(tl.float16))
+        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
+        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
+        off = tl.load(OFF + layer)
+        _fq_rows(W, OUT + off, MASK + off, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, True,
+                 HAS_ZERO, SCALE_F16)
 
 
 def _launch(w, out, mask, scale, zero, fmt, dynamic, launcher):
@@ -173,7 +236,7 @@ class _FusedSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None
+        return grad * mask, None, None, None, None  # one kernel; where(mask, grad, 0.0) also built a scalar
 
 
 def can_fuse(w: Tensor, fmt: AffineFormat) -> bool:

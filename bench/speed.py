@@ -2,6 +2,7 @@
 
     python bench/speed.py --model smollm2 --batch 8 --seq 2048 --out bench/results/speed_smollm2.json
     python bench/speed.py --model llama1b --batch 4 --seq 2048
+    python bench/speed.py --rounds 5 ...   # step times re-measured with the variants interleaved
 
 Random init (speed needs no trained weights), pure bf16 weights and fused AdamW, as in the torchao
 reference table of issue 7. Each variant runs ``--warmup`` steps, then ``--steps`` timed with CUDA events
@@ -50,7 +51,7 @@ def build(model_name: str, variant: str, device: str):
     return model
 
 
-def run_variant(args, variant: str, compiled: bool) -> dict:
+def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ.pop("QAT_DISABLE_TRITON", None)
     os.environ.pop("QAT_BATCHED_FQ", None)
@@ -69,14 +70,25 @@ def run_variant(args, variant: str, compiled: bool) -> dict:
     if compiled:
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
+    env = {k: os.environ.get(k) for k in ("QAT_BATCHED_FQ", "QAT_DISABLE_TRITON")}
 
     def step():
+        for k, v in env.items():  # interleaved variants each keep their own switches
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         loss = step_fn(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    if keep is not None:  # interleaved timing: the caller runs the steps
+        for _ in range(args.warmup):
+            step()
+        keep[variant] = (step, model, opt)
+        return {}
     times, peak = time_steps(step, args.warmup, args.steps, device)
     peak = peak / 2**30 if device == "cuda" else float("nan")
     ms = statistics.median(times)
@@ -100,6 +112,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--variants", default="bf16,qat:int4_w_g32,qat:q4_0,torchao")
     p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="then time all variants again, interleaved, in this many rounds (memory stays from the sequential pass)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
@@ -113,6 +127,30 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.rounds:
+        # All variants of a mode held at once and timed in alternation (round r: each variant runs
+        # --steps steps): machine drift (clocks, other jobs) then hits every variant alike.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for mode in args.modes.split(","):
+            keep: dict = {}
+            for v in args.variants.split(","):
+                run_variant(args, v, mode == "compile", keep)
+            times = {v: [] for v in keep}
+            for _ in range(args.rounds):
+                for v, (step, _, _) in keep.items():
+                    t, _ = time_steps(step, 0, args.steps, device)
+                    times[v] += t
+            for r in rows:
+                if r["compiled"] == (mode == "compile") and r["variant"] in times:
+                    r["ms_sequential"] = r.get("ms_per_step")
+                    r["ms_per_step"] = statistics.median(times[r["variant"]])
+                    r["tokens_per_s"] = args.batch * args.seq / (r["ms_per_step"] / 1e3)
+                    r["timing"] = f"interleaved, {args.rounds} rounds x {args.steps} steps, median"
+            del keep
+            gc.collect()
+            torch.cuda.empty_cache() if device == "cuda" else None
+            if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=1))
     print(f"\n{'mode':8} {'variant':26} {'ms/step':>9} {'x bf16':>7} {'tok/s':>10} {'peak GiB':>9} {'x bf16':>7}")
     for mode in args.modes.split(","):

@@ -208,28 +208,49 @@ def fused_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional
     return out, mask
 
 
-# -- for torch.compile: a triton_op, so inductor launches the kernel from its generated code (no Python
-#    dispatch per layer) and never rewrites its arithmetic. Eager mode calls the kernel directly.
+# -- for torch.compile: a functional triton_op with its autograd registered, so dynamo traces the whole
+#    fake quant as one op (no autograd.Function, no graph break per layer), inductor launches the kernel
+#    from its generated code, and never rewrites its arithmetic. New scale/zero are outputs (copied into
+#    the observer buffers by the caller): a mutating op could not carry an autograd formula.
 if HAS_TRITON:
     from torch.library import triton_op, wrap_triton
 
-    @triton_op("qat::fused_fake_quant", mutates_args=("scale", "zero"))
-    def _fused_op(w: Tensor, scale: Tensor, zero: Optional[Tensor], fmt_name: str, dynamic: bool) -> tuple[Tensor, Tensor]:
+    @triton_op("qat::fake_quant", mutates_args=())
+    def _fq_op(w: Tensor, scale: Tensor, zero: Optional[Tensor], fmt_name: str,
+               dynamic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from ..formats import get_format
         w = w.contiguous()
         out = torch.empty_like(w)
         mask = torch.empty(w.shape, dtype=torch.bool, device=w.device)
-        _launch(w, out, mask, scale, zero, get_format(fmt_name), dynamic, wrap_triton)
-        return out, mask
+        s = scale.clone()
+        z = (zero if zero is not None else scale).clone()
+        _launch(w, out, mask, s, z if zero is not None else None, get_format(fmt_name), dynamic, wrap_triton)
+        return out, mask, s, z
+
+    def _fq_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _fq_backward(ctx, grad, *_):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+    _fq_op.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+def compiled_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool) -> Tensor:
+    """The fused fake quant as traced under torch.compile; with ``dynamic`` the buffers get the new parameters."""
+    out, _, s, z = _fq_op(w, scale, zero, fmt.name, dynamic)
+    if dynamic:
+        scale.copy_(s)
+        if zero is not None:
+            zero.copy_(z)
+    return out
 
 
 class _FusedSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, scale, zero, fmt, dynamic):
-        if torch.compiler.is_compiling():
-            out, mask = _fused_op(w, scale, zero, fmt.name, dynamic)
-        else:
-            out, mask = fused_fake_quant(w, fmt, scale, zero, dynamic)
+        out, mask = fused_fake_quant(w, fmt, scale, zero, dynamic)
         ctx.save_for_backward(mask)
         return out
 
@@ -248,4 +269,6 @@ def can_fuse(w: Tensor, fmt: AffineFormat) -> bool:
 
 def fused_ste(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool) -> Tensor:
     """STE fake quant through the fused kernel; with ``dynamic`` the observer buffers are updated in place."""
+    if torch.compiler.is_compiling():
+        return compiled_fake_quant(w, fmt, scale, zero, dynamic)
     return _FusedSTE.apply(w, scale, zero, fmt, dynamic)

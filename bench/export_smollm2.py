@@ -6,6 +6,14 @@ For each type: prepare the model with that scheme (all Linear layers and the tie
 export a GGUF, and score the same token windows with the PyTorch fake-quant model and with llama.cpp.
 Float types export the unprepared model with float_type=<type>; the PyTorch side then rounds its
 weights to that dtype first, so both sides hold the same numbers.
+
+"same argmax" compares llama.cpp with the plain fake-quant model; "emulated" with the same model run
+inside ``qat.llamacpp.llamacpp_activations``, which rounds every matmul input as llama.cpp's CPU kernels
+do (Q8_0/Q8_1 blocks, F16/BF16), so what is left is float summation order and ulp-level op differences.
+"max abs dlogit" is the largest absolute logit difference over all positions and the vocabulary.
+"llama.cpp vs itself" scores the same file token by token (n_ubatch=1: other kernels, other summation
+order): how far llama.cpp's own outputs move under float-level changes, the floor for any PyTorch
+comparison, since Q8 activation rounding turns an ulp into a whole step that cascades through the layers.
 """
 from __future__ import annotations
 
@@ -25,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import qat  # noqa: E402
 from qat.export import export_gguf  # noqa: E402
-from qat.llamacpp import gguf_logits, perplexity_from_logits, torch_logits  # noqa: E402
+from qat.llamacpp import (gguf_logits, llamacpp_activations, load_llama, perplexity_from_logits,  # noqa: E402
+                          torch_logits)
 from smollm2_text import EVAL_TEXT  # noqa: E402
 
 FLOAT = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -49,8 +58,10 @@ def main() -> None:
     ids = tok.encode(EVAL_TEXT)
     os.makedirs(args.out_dir, exist_ok=True)
     print(f"SmolLM2-135M-Instruct (from {f}), {len(ids)} tokens, windows of {args.n_ctx}")
-    print("| type | file MiB | PyTorch ppl | llama.cpp ppl | diff | argmax agree | agree, margin >= 0.5 | export s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| type | file MiB | PyTorch ppl | llama.cpp ppl | diff | same argmax | same argmax, emulated "
+          "| max abs dlogit | max abs dlogit, emulated | same argmax, margin >= 0.5 | llama.cpp vs itself "
+          "| export s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in args.types.split(","):
         m = copy.deepcopy(base)
         if t in FLOAT:
@@ -65,16 +76,23 @@ def main() -> None:
         export_gguf(m, tok, path, float_type=t if t in FLOAT else "f16", force=True, progress=False)
         dt = time.time() - t0
         pt = torch_logits(m, ids, args.n_ctx)
+        with llamacpp_activations(m, t if t in FLOAT else "f16"):
+            em = torch_logits(m, ids, args.n_ctx)
         lc = gguf_logits(path, ids, args.n_ctx)
+        with load_llama(path, args.n_ctx, args.threads, n_ubatch=1) as llm:
+            lc1 = gguf_logits(llm, ids, args.n_ctx)
         ppl_pt = perplexity_from_logits(pt, ids, args.n_ctx)
         ppl_lc = perplexity_from_logits(lc, ids, args.n_ctx)
         same = pt.argmax(-1) == lc.argmax(-1)
+        same_em = em.argmax(-1) == lc.argmax(-1)
+        self_same = lc1.argmax(-1) == lc.argmax(-1)
         top2 = np.sort(pt, -1)[:, -2:]
         confident = (top2[:, 1] - top2[:, 0]) >= 0.5
         mib = path.stat().st_size / 2**20
         print(f"| {t.upper()} | {mib:.1f} | {ppl_pt:.3f} | {ppl_lc:.3f} | {100 * (ppl_lc / ppl_pt - 1):+.2f}% "
-              f"| {100 * same.mean():.1f}% | {100 * same[confident].mean():.1f}% of {100 * confident.mean():.0f}% "
-              f"| {dt:.1f} |", flush=True)
+              f"| {100 * same.mean():.1f}% | {100 * same_em.mean():.1f}% | {np.abs(lc - pt).max():.3f} "
+              f"| {np.abs(lc - em).max():.3f} | {100 * same[confident].mean():.1f}% of {100 * confident.mean():.0f}% "
+              f"| {100 * self_same.mean():.1f}%, {np.abs(lc - lc1).max():.3f} | {dt:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,13 @@ def gap_recovered(ppl_float: float, ppl_ptq: float, ppl_qat: float) -> Optional[
 
 
 class EvalReport:
-    """The rows (``float``/``ptq``/``qat``, whichever were evaluated) and what they were measured on."""
+    """The rows (``float``/``ptq``/``qat``, whichever were evaluated) and what they were measured on.
+    ``measured_by``: None for the PyTorch models, else the runtime that scored exported files (a row's
+    ``file`` names its file)."""
 
-    def __init__(self, scheme: Optional[str], rows: dict[str, dict[str, float]], data: Optional[dict] = None):
-        self.scheme, self.rows, self.data = scheme, rows, data or {}
+    def __init__(self, scheme: Optional[str], rows: dict[str, dict[str, Any]], data: Optional[dict] = None,
+                 measured_by: Optional[str] = None):
+        self.scheme, self.rows, self.data, self.measured_by = scheme, rows, data or {}, measured_by
 
     @property
     def gap_recovered(self) -> Optional[float]:
@@ -106,8 +109,9 @@ class EvalReport:
         return gap_recovered(self.rows["float"]["ppl"], self.rows["ptq"]["ppl"], self.rows["qat"]["ppl"])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "results": self.rows, "gap_recovered": self.gap_recovered,
-                "gap_recovered_formula": "(ppl_ptq - ppl_qat) / (ppl_ptq - ppl_float)", "data": self.data}
+        out = {"scheme": self.scheme, "results": self.rows, "gap_recovered": self.gap_recovered,
+               "gap_recovered_formula": "(ppl_ptq - ppl_qat) / (ppl_ptq - ppl_float)", "data": self.data}
+        return out if self.measured_by is None else {**out, "measured_by": self.measured_by}
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -122,10 +126,13 @@ def format_table(report: EvalReport) -> str:
     rows = [(LABELS[k].format(scheme=report.scheme), v) for k, v in report.rows.items()]
     width = max(len(label) for label, _ in rows)
     base = report.rows.get("float", {}).get("ppl")
-    lines = [f"{'model':<{width}}  {'ppl':>9}  {'nll/token':>9}  {'vs float':>8}"]
+    files = any("file" in r for _, r in rows)
+    lines = [f"measured by {report.measured_by} on the exported files"] if report.measured_by else []
+    lines.append(f"{'model':<{width}}  {'ppl':>9}  {'nll/token':>9}  {'vs float':>8}" + ("  file" if files else ""))
     for label, r in rows:
         delta = "" if base is None or label == LABELS["float"] else f"{100 * (r['ppl'] / base - 1):+.1f}%"
-        lines.append(f"{label:<{width}}  {r['ppl']:>9.3f}  {r['nll']:>9.4f}  {delta:>8}")
+        lines.append(f"{label:<{width}}  {r['ppl']:>9.3f}  {r['nll']:>9.4f}  {delta:>8}"
+                     + (f"  {r.get('file', '')}" if files else ""))
     g = report.gap_recovered
     if g is not None:
         lines.append(f"QAT recovers {100 * g:.1f}% of the PTQ gap: (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_float)")

@@ -47,8 +47,8 @@ from .data import TextDataModule
 from .model import build_from_config, context_length, load_model, save_model_config
 from .module import CausalLMModule, freeze_except
 
-__all__ = ["train_run", "fit", "load_run", "read_checkpoint", "evaluate_run", "compare", "export_run",
-           "run_paths"]
+__all__ = ["train_run", "fit", "load_run", "read_checkpoint", "evaluate_run", "heldout_blocks", "compare",
+           "export_run", "run_paths"]
 
 FLOAT_DIR = "float"  # the float twin's run directory, inside the main one
 
@@ -387,6 +387,27 @@ def evaluate_run(run_dir: str | os.PathLike, config: Optional[Recipe] = None) ->
     data.setup()
     report, _ = compare(float_model, qat_model, config, data)
     return report
+
+
+def heldout_blocks(run_dir: str | os.PathLike, config: Optional[Recipe] = None) -> tuple[object, list[list[int]], dict]:
+    """``(tokenizer, blocks, data)``: the held-out token blocks ``evaluate_run`` scores with ``config.data``
+    (default: the run's), each evaluated on its own, and the ``data`` summary its report carries. Needs
+    only the run's ``model/`` (tokenizer and config), not its checkpoint: what exported files are scored on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+    run_dir = Path(run_dir)
+    config = config or load_resolved(run_dir / "config.yaml")
+    trust = config.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model", trust_remote_code=trust)
+    model_config = AutoConfig.from_pretrained(run_dir / "model", trust_remote_code=trust)
+    data = TextDataModule(config.data, tokenizer, config.train.batch_size, config.eval.batch_size, seed=config.seed,
+                          max_context=context_length(SimpleNamespace(config=model_config)))
+    data.setup()
+    blocks = [row.tolist() for row in data.val_set["input_ids"]]
+    s = data.summary
+    return tokenizer, blocks, {"documents": s.val_documents, "blocks": s.val_blocks, "seq_len": s.seq_len,
+                               "tokens": sum(len(b) - 1 for b in blocks)}
 
 
 def unprepared_float(module: CausalLMModule) -> nn.Module:

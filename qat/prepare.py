@@ -3,7 +3,9 @@ integer codes and scales that export writes. Plain PyTorch; no Lightning here.""
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Mapping, Optional
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -119,21 +121,50 @@ def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
             m.frozen.fill_(frozen)
 
 
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """Set PyTorch's intra-op thread count for the duration (threads started meanwhile keep it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.no_grad()
-def convert(model: nn.Module) -> dict[str, QTensor]:
+def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QTensor], Any]] = None) -> dict[str, Any]:
     """Module name -> the integer codes and parameters of its weight, exactly as its forward uses them.
 
     ``get_format(q.format).dequantize(q)`` equals the layer's effective weight bitwise. The model is
     left as it is, so ``fit``/``validate``/``test``/``predict`` keep working after ``convert``.
+
+    threads: layers quantized at a time, each on one PyTorch thread (CPU weights only). Many small
+             independent layers scale better than each layer on all threads, whose every operation ends
+             in a barrier that a core busy with another process stalls.
+    pack:    ``pack(name, qtensor)`` run right after quantizing, in the same thread, while the layer is
+             in cache (export packs file bytes this way); the dict then holds what it returns.
     """
-    out, done = {}, {}
+    jobs: dict[tuple[int, int], tuple[str, nn.Module]] = {}
+    names = []
     for name, m in fake_quant_modules(model):
-        # tied layers share one weight and one quantizer: quantize it once, both names get that QTensor
+        # tied layers share one weight and one quantizer: quantized once, both names get the result
         key = (id(m.weight), id(m.weight_fake_quant))
-        if key not in done:
-            done[key] = m.quantize()
-        out[name] = done[key]
-    return out
+        jobs.setdefault(key, (name, m))
+        names.append((name, key))
+
+    def run(name: str, m: nn.Module) -> Any:
+        with torch.no_grad():  # grad mode is per thread
+            q = m.quantize()
+            return q if pack is None else pack(name, q)
+
+    if threads > 1 and len(jobs) > 1 and all(m.weight.device.type == "cpu" for _, m in jobs.values()):
+        with _intra_op_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="qat-convert") as pool:
+            futures = {key: pool.submit(run, *job) for key, job in jobs.items()}
+            done = {key: f.result() for key, f in futures.items()}
+    else:
+        done = {key: run(*job) for key, job in jobs.items()}
+    return {name: done[key] for name, key in names}
 
 
 def unprepare(model: nn.Module) -> nn.Module:

@@ -17,12 +17,16 @@ path) is checked before the first byte is written.
 """
 from __future__ import annotations
 
+import functools
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -170,11 +174,12 @@ def _collect_tensors(model: nn.Module, arch: _Arch, hp: dict, float_type: str, p
 
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
-    qtensors = convert(model)
+    # every layer quantized and packed in one go, layers in parallel (see convert)
+    packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name))
 
     # every (module-level) parameter, including a tied head's duplicate name
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "_fake_quant." not in n]
-    seen: dict[int, tuple[str, np.ndarray, int]] = {}
+    seen: dict[int, tuple[object, np.ndarray, int]] = {}
     out, problems = [], []
     for hf_name, p in tqdm(params, desc="Packing tensors", unit="tensor", disable=not progress):
         mod_name, _, kind = hf_name.rpartition(".")
@@ -182,18 +187,18 @@ def _collect_tensors(model: nn.Module, arch: _Arch, hp: dict, float_type: str, p
         if gguf_name is None:
             problems.append(hf_name)
             continue
-        if kind == "weight" and mod_name in qtensors:
-            data, gtype = _quant_bytes(qtensors[mod_name], mod_name)
-        elif p.dim() == 1:
-            data, gtype = _float_bytes(p, "F32")
-        else:
-            data, gtype = _float_bytes(p, FLOAT_TYPES[float_type])
+        q = packed.get(mod_name) if kind == "weight" else None
+        # what this module's numbers are made from: the same quantized layer, or the same float conversion
+        source = id(q) if q is not None else ("F32" if p.dim() == 1 else FLOAT_TYPES[float_type])
+        if id(p) in seen and seen[id(p)][0] == source:
+            continue  # tied weight, the same numbers: written once (llama.cpp falls back to token_embd)
+        data, gtype = q if q is not None else _float_bytes(p, source)
         if id(p) in seen:  # tied weight: written once unless the two modules see different numbers
             _, first_data, first_type = seen[id(p)]
             if first_type == gtype and np.array_equal(first_data, data):
                 continue
         else:
-            seen[id(p)] = (gguf_name, data, gtype)
+            seen[id(p)] = (source, data, gtype)
         if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _rope_permute(data, hp["n_head"])
         elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -244,6 +249,24 @@ def detect_pre_tokenizer(tok) -> Optional[str]:
     return None
 
 
+def _merges_from_json(tj: dict) -> Optional[list[str]]:
+    """The BPE merges of a parsed tokenizer.json as ``gguf.SpecialVocab`` makes them ("a b", a space
+    inside a token written as U+0120), by the same rules but without a Python loop per character;
+    None where gguf's own parsing should decide."""
+    merges = (tj.get("model") or {}).get("merges")
+    if not isinstance(merges, list) or not merges:
+        return None
+    first = merges[0]
+    if isinstance(first, str):
+        return merges
+    if not (isinstance(first, list) and len(first) == 2 and isinstance(first[0], str)):
+        return None
+    if " " in "".join(map("".join, merges)):
+        log.warning("Spaces in merges detected, encoding as %r", chr(ord(" ") + 256))
+        return [" ".join([part.replace(" ", "\u0120") for part in pair]) for pair in merges]
+    return list(map(" ".join, merges))
+
+
 class _Vocab:
     """What the tokenizer contributes to the file, computed (and validated) before writing."""
 
@@ -261,7 +284,9 @@ class _Vocab:
             vocab_file = getattr(tok, "vocab_file", None)
             if not spm.is_file() and vocab_file and str(vocab_file).endswith(".model") and Path(vocab_file).is_file():
                 shutil.copy(vocab_file, spm)
-            tj = _tokenizer_json(tok)
+            tok_json = Path(d, "tokenizer.json")
+            # the file save_pretrained just wrote is the backend's own JSON: parse it once, here
+            tj = json.loads(tok_json.read_bytes()) if tok_json.is_file() else _tokenizer_json(tok)
             model_type = (tj or {}).get("model", {}).get("type")
             if spm.is_file():
                 self.kind = "llama"
@@ -280,7 +305,16 @@ class _Vocab:
             else:
                 raise ExportError(f"tokenizer model {model_type or type(tok).__name__!r} is not supported for GGUF "
                                   "(supported: GPT-2-style BPE, SentencePiece)")
-            self.special = gguf.SpecialVocab(Path(d), load_merges=self.kind == "gpt2", n_vocab=n_vocab)
+            merges = _merges_from_json(tj) if self.kind == "gpt2" and tok_json.is_file() else None
+            if merges is not None:
+                # gguf would parse the 3.5 MB tokenizer.json again and convert the merges character by
+                # character; give it the file without the model's vocab and merges, and the merges as
+                # it would have converted them.
+                tok_json.write_text(json.dumps({k: v for k, v in tj.items() if k != "model"}), encoding="utf-8")
+            self.special = gguf.SpecialVocab(Path(d), load_merges=self.kind == "gpt2" and merges is None,
+                                             n_vocab=n_vocab)
+            if merges is not None:
+                self.special.merges = merges
             # whether BOS/EOS are added, as the tokenizer itself does it (the config keys are often absent)
             probe = tok.encode("a")
             for kind, tid, at in (("bos", tok.bos_token_id, 0), ("eos", tok.eos_token_id, -1)):
@@ -294,21 +328,21 @@ class _Vocab:
         vocab = tok.get_vocab()
         if max(vocab.values()) >= n_vocab:
             raise ExportError(f"tokenizer has token id {max(vocab.values())} but the model only {n_vocab} embeddings")
-        reverse = {i: t for t, i in vocab.items()}
-        added = tok.get_added_vocab()
+        tokens: list = [None] * n_vocab
+        for t, i in vocab.items():  # id -> token; the last token of a shared id wins
+            tokens[i] = t
+        types = [TokenType.NORMAL] * n_vocab
         decoder = tok.added_tokens_decoder
-        for i in range(n_vocab):
-            if i not in reverse:
-                self.tokens.append(f"[PAD{i}]")
-                self.types.append(TokenType.UNUSED)
-                continue
-            t = reverse[i]
-            if t in added:
+        for t in tok.get_added_vocab():
+            i = vocab.get(t)
+            if i is not None and tokens[i] == t:
                 special = decoder[i].special if i in decoder else False
-                self.types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
-            else:
-                self.types.append(TokenType.NORMAL)
-            self.tokens.append(t)
+                types[i] = TokenType.CONTROL if special else TokenType.USER_DEFINED
+        for i, t in enumerate(tokens):
+            if t is None:
+                tokens[i] = f"[PAD{i}]"
+                types[i] = TokenType.UNUSED
+        self.tokens, self.types = tokens, types
 
     def _sentencepiece(self, vocab, n_vocab: int) -> None:
         from gguf import TokenType
@@ -372,6 +406,76 @@ class _Vocab:
 
 
 # ---------------------------------------------------------------------------------------------------
+# file side
+# ---------------------------------------------------------------------------------------------------
+def _pack_array(val, sub_type) -> Optional[bytes]:
+    """A GGUF metadata array (element type, count, elements) in one go, bytes identical to
+    ``GGUFWriter._pack_val``, which packs the 49k tokens and 49k merges of a vocabulary one
+    ``struct.pack`` at a time. None where the array is not a plain list of strings, ints or floats."""
+    from gguf import GGUFValueType as VT
+    if not isinstance(val, (list, tuple)) or not val or sub_type not in (None, VT.STRING):
+        return None
+    n, kinds = len(val), set(map(type, val))
+    if kinds <= {str, bytes}:
+        enc = [v.encode("utf-8") if type(v) is str else v for v in val]
+        lens = np.fromiter(map(len, enc), dtype="<u8", count=n)
+        out = np.empty(8 * n + int(lens.sum()), dtype=np.uint8)
+        starts = np.arange(n, dtype=np.int64) * 8
+        starts[1:] += np.cumsum(lens[:-1], dtype=np.int64)
+        at = starts[:, None] + np.arange(8)  # where each length goes; the strings fill the rest
+        payload = np.ones(len(out), dtype=bool)
+        payload[at] = False
+        out[at] = lens.view(np.uint8).reshape(n, 8)
+        out[payload] = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        return struct.pack("<IQ", VT.STRING, n) + out.tobytes()
+    if sub_type is not None:
+        return None
+    if all(issubclass(k, int) and not issubclass(k, bool) for k in kinds):  # IntEnum token types too
+        ints = np.fromiter(val, dtype=np.int64, count=n)
+        if ints.min() < -(2**31) or ints.max() >= 2**31:
+            return None  # struct.pack's error, from the general path
+        return struct.pack("<IQ", VT.INT32, n) + ints.astype("<i4").tobytes()
+    if all(issubclass(k, float) for k in kinds):
+        f64 = np.fromiter(val, dtype=np.float64, count=n)
+        with np.errstate(over="ignore"):
+            f32 = f64.astype("<f4")
+        if not np.isfinite(f32).all():
+            return None  # inf, nan and fp32 overflow (an error in struct.pack) take the general path
+        return struct.pack("<IQ", VT.FLOAT32, n) + f32.tobytes()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _writer_class():
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        """gguf's writer, with metadata arrays packed in bulk (see ``_pack_array``)."""
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE:
+                body = _pack_array(val, sub_type)
+                if body is not None:
+                    return (struct.pack("<I", vtype) if add_vtype else b"") + body
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer
+
+
+@contextmanager
+def _gc_paused():
+    """The vocabulary makes a few hundred thousand small objects and no garbage cycles; a full
+    collection triggered by them walks the whole model and costs a quarter of a second at random."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# ---------------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------------
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -404,41 +508,42 @@ def export_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, float_type
     config = model.config
     hp = _hparams(config)
     _check_gguf_compatible(model)
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    vocab = _Vocab(tokenizer, config, n_vocab, tokenizer_pre)
-    tensors = _collect_tensors(model, arch, hp, float_type, progress)
-    ftype = _file_type(tensors, file_type)
+    with _gc_paused():
+        n_vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = _Vocab(tokenizer, config, n_vocab, tokenizer_pre)
+        tensors = _collect_tensors(model, arch, hp, float_type, progress)
+        ftype = _file_type(tensors, file_type)
 
-    with atomic_file(path, force) as tmp:
-        w = gguf.GGUFWriter(tmp, arch.gguf_arch)
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or Path(getattr(config, "_name_or_path", "") or hf_arch).name)
-        w.add_string("general.quantized_by", "qat")
-        w.add_vocab_size(n_vocab)
-        w.add_context_length(config.max_position_embeddings)
-        w.add_embedding_length(config.hidden_size)
-        w.add_block_count(config.num_hidden_layers)
-        w.add_feed_forward_length(config.intermediate_size)
-        w.add_head_count(hp["n_head"])
-        w.add_head_count_kv(hp["n_head_kv"])
-        w.add_rope_dimension_count(hp["head_dim"])
-        if hp["head_dim"] != config.hidden_size // hp["n_head"]:
-            w.add_key_length(hp["head_dim"])
-            w.add_value_length(hp["head_dim"])
-        w.add_rope_freq_base(hp["theta"])
-        if hp["rope_linear"] is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(hp["rope_linear"])
-        w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        w.add_file_type(ftype)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.add_to(w)
-        for t in tensors:
-            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=gguf.GGMLQuantizationType(t.ggml_type))
-        try:
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file(progress=progress)
-        finally:
-            w.close()
+        with atomic_file(path, force) as tmp:
+            w = _writer_class()(tmp, arch.gguf_arch)
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(name or Path(getattr(config, "_name_or_path", "") or hf_arch).name)
+            w.add_string("general.quantized_by", "qat")
+            w.add_vocab_size(n_vocab)
+            w.add_context_length(config.max_position_embeddings)
+            w.add_embedding_length(config.hidden_size)
+            w.add_block_count(config.num_hidden_layers)
+            w.add_feed_forward_length(config.intermediate_size)
+            w.add_head_count(hp["n_head"])
+            w.add_head_count_kv(hp["n_head_kv"])
+            w.add_rope_dimension_count(hp["head_dim"])
+            if hp["head_dim"] != config.hidden_size // hp["n_head"]:
+                w.add_key_length(hp["head_dim"])
+                w.add_value_length(hp["head_dim"])
+            w.add_rope_freq_base(hp["theta"])
+            if hp["rope_linear"] is not None:
+                w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                w.add_rope_scaling_factor(hp["rope_linear"])
+            w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+            w.add_file_type(ftype)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            vocab.add_to(w)
+            for t in tensors:
+                w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=gguf.GGMLQuantizationType(t.ggml_type))
+            try:
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file(progress=progress)
+            finally:
+                w.close()
     return Path(path).expanduser().absolute()

@@ -140,6 +140,11 @@ class AffineFormat(Format):
     def encode(self, blocks: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         return self.clamp_codes(self.raw_codes(blocks, scale, zero))
 
+    def encode_int(self, blocks: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
+        """``encode`` as the integer codes ``quantize`` stores (int16, or float codes ``pack`` converts).
+        Formats override it to make fewer passes over the weights; it must equal ``encode`` exactly."""
+        return self.encode(blocks, scale, zero)
+
     def decode(self, codes: Tensor, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
         s = self.stored_scale(scale).unsqueeze(-1)
         if self.zero_kind == "min":
@@ -163,13 +168,13 @@ class AffineFormat(Format):
     def _quantize(self, w: Tensor) -> QTensor:
         blocks = to_blocks(w, self.block)
         scale, zero = self.choose_params(blocks)
-        return self.pack(w.shape, self.encode(blocks, scale, zero), scale, zero)
+        return self.pack(w.shape, self.encode_int(blocks, scale, zero), scale, zero)
 
     def quantize_with(self, w: Tensor, scale: Tensor, zero: Optional[Tensor]) -> QTensor:
         """Quantize with given (observer-chosen or learned) parameters instead of the reference rule."""
         check_finite(w)
         self.check_shape(tuple(w.shape))
-        return self.pack(w.shape, self.encode(to_blocks(w, self.block), scale, zero), scale, zero)
+        return self.pack(w.shape, self.encode_int(to_blocks(w, self.block), scale, zero), scale, zero)
 
     def pack(self, shape, codes: Tensor, scale: Tensor, zero: Optional[Tensor]) -> QTensor:
         return QTensor(

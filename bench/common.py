@@ -1,10 +1,16 @@
-"""Shared by the benchmarks: time training steps the same way everywhere."""
+"""Shared by the benchmarks: time training steps the same way everywhere; llama.cpp PTQ and result rows
+for the quality benchmarks."""
 from __future__ import annotations
 
+import ctypes
+import json
+import logging
 import statistics
 import threading
 import time
-from contextlib import nullcontext
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,3 +71,134 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str)
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+# -- quality benchmarks (bench/quality.py, bench/qlora_quality.py): llama.cpp's quantizer, GGUF tensor types,
+# rows written as they come and merged across processes ----------------------------------------------------
+
+GGML_TYPE_F16 = 1
+
+
+@contextmanager
+def quiet_llama_cpp():
+    """llama-quantize logs every tensor at INFO level; keep only errors while it runs."""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def llama_ftype(scheme: str) -> int:
+    """llama.cpp's ``LLAMA_FTYPE_MOSTLY_<SCHEME>`` (q4_0 -> 2, q4_k_m -> 15 ...), checked against ``qat.mixes``."""
+    import llama_cpp
+
+    from qat.mixes import FILE_TYPES
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{scheme.upper()}", None)
+    if value is None:
+        raise ValueError(f"llama.cpp has no file type for {scheme!r}")
+    if scheme.lower() in FILE_TYPES and FILE_TYPES[scheme.lower()] != value:
+        raise RuntimeError(f"{scheme}: llama_cpp says {value}, qat.mixes.FILE_TYPES says {FILE_TYPES[scheme.lower()]}")
+    return int(value)
+
+
+def llama_quantize(src: Path, dst: Path, scheme: str, threads: int) -> Path:
+    """PTQ as users run it: ``llama_model_quantize`` of an F16 GGUF to file type ``scheme``, keeping the token
+    embedding (and an output head, if the file has one) in F16, as the QAT exports here do."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = llama_ftype(scheme)
+    params.token_embedding_type = GGML_TYPE_F16
+    params.output_tensor_type = GGML_TYPE_F16
+    with quiet_llama_cpp():
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {scheme}) returned {rc}")
+    return dst
+
+
+def gguf_tensor_types(path: Path) -> dict[str, str]:
+    """GGUF tensor name -> its type name (``Q4_0``, ``F16`` ...)."""
+    import gguf
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def type_counts(types: dict[str, str]) -> dict[str, int]:
+    return dict(sorted(Counter(types.values()).items()))
+
+
+def identical_tensors(a: Path, b: Path) -> tuple[int, int]:
+    """(tensors whose bytes are equal in both files, tensors in ``a``)."""
+    import gguf
+    import numpy as np
+    tb = {t.name: t for t in gguf.GGUFReader(str(b)).tensors}
+    ta = gguf.GGUFReader(str(a)).tensors
+    same = sum(1 for t in ta if t.name in tb and t.tensor_type == tb[t.name].tensor_type
+               and np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(tb[t.name].data).view(np.uint8)))
+    return same, len(ta)
+
+
+def warn_type_mismatch(a_name: str, a: dict[str, str], b_name: str, b: dict[str, str]) -> list[str]:
+    """Print a warning listing the tensors whose GGUF type differs between two files; return those lines."""
+    lines = [f"{n}: {a.get(n, '-')} vs {b.get(n, '-')}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+    if lines:
+        print(f"WARNING: {len(lines)} tensor types differ between {a_name} and {b_name}:\n  " + "\n  ".join(lines[:40])
+              + (f"\n  ... {len(lines) - 40} more" if len(lines) > 40 else ""), flush=True)
+    return lines
+
+
+class RowLog:
+    """A benchmark's rows: printed, and appended to ``<out>.jsonl`` one line each as they come, so a killed
+    run still leaves its numbers. Thread-safe (rows may be finished by an evaluation thread)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out).with_suffix(".jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, row: dict) -> None:
+        with self._lock:
+            self.rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def read_rows(paths: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Rows and metas from result files: a ``.json`` written at the end of a run (``{"meta", "rows"}``), or
+    the ``.jsonl`` beside it (used where the ``.json`` is missing: a killed run). Later rows of the same
+    (model, scheme) replace earlier ones."""
+    rows: dict[tuple, dict] = {}
+    metas = []
+    for p in map(Path, paths):
+        if p.suffix == ".json" and p.exists():
+            doc = json.loads(p.read_text())
+            metas.append(doc.get("meta", {}))
+            got = doc.get("rows", [])
+        else:
+            jl = p.with_suffix(".jsonl")
+            if not jl.exists():
+                print(f"WARNING: neither {p} nor {jl} exists; skipped", flush=True)
+                continue
+            got = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
+            print(f"{p}: using the {len(got)} rows of {jl}", flush=True)
+        for r in got:
+            rows[(r.get("model"), r.get("scheme"))] = r
+    return list(rows.values()), metas
+
+
+def check_type_counts(rows: list[dict]) -> None:
+    """Warn where rows of one scheme hold different GGUF tensor types (they should be identical)."""
+    by_scheme: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r.get("scheme") and r.get("tensor_types"):
+            by_scheme.setdefault(r["scheme"], {})[r["model"]] = json.dumps(r["tensor_types"], sort_keys=True)
+    for scheme, seen in by_scheme.items():
+        if len(set(seen.values())) > 1:
+            print(f"WARNING: {scheme}: rows hold different tensor types:\n  "
+                  + "\n  ".join(f"{m}: {t}" for m, t in seen.items()), flush=True)

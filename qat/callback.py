@@ -29,7 +29,7 @@ class QATCallback(L.Callback):
         rules: ``{fnmatch pattern: scheme or None}`` on module names, first match wins; None keeps float.
         start_step: fake quant is off before this global step (train in float first).
         freeze_step: observers stop updating from this global step on (None: never).
-        observer: ``dynamic`` | ``mse`` | ``learned`` (LSQ, initialised from mse).
+        observer: ``dynamic`` | ``mse`` | ``learned`` (LSQ, initialised from the reference rule).
         activations: activation format for every quantized Linear (e.g. ``int8_asym_token``); schemes
             such as ``int8da_int4w`` bring their own.
         act_observer: ``dynamic`` (per token) | ``moving_average``.

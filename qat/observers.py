@@ -5,9 +5,10 @@ for ``learned``, Parameters), so checkpoints hold it and a resumed run continues
 
 * ``dynamic``        the format's reference rule (llama.cpp's for GGUF types), recomputed every step.
 * ``mse``            per block, the clip ratio from a fixed grid that minimises the quantization MSE,
-                     recomputed every step.
+                     recomputed every step. Lower weight error is not lower loss: on SmolLM2 it clips
+                     outliers that matter and PTQ perplexity gets worse than the reference rule's.
 * ``learned``        LSQ: the scale (and an asymmetric format's zero/min) are Parameters, initialised
-                     from ``mse`` and trained with the weights.
+                     from the reference rule and trained with the weights.
 * frozen             any observer stops updating once ``frozen`` is set (``freeze_step``); the codes
                      are then computed from the stored parameters.
 
@@ -72,7 +73,10 @@ class WeightQuantizer(nn.Module):
         if self.affine:
             with torch.no_grad():
                 blocks = to_blocks(weight.detach(), self.fmt.block)
-                scale, zero = mse_params(self.fmt, blocks) if observer in ("mse", "learned") else self.fmt.choose_params(blocks)
+                # learned starts from the reference rule (no clipping), not from mse: the weight-MSE optimum
+                # clips outliers that matter (SmolLM2-135M, Q4_0 PTQ: 33.8 ppl with mse vs 29.9 with the
+                # reference rule on 512 held-out tokens), and LSQ then starts from that worse point
+                scale, zero = mse_params(self.fmt, blocks) if observer == "mse" else self.fmt.choose_params(blocks)
             if observer == "learned":
                 self.scale = nn.Parameter(scale.clone())
                 self.zero = None if zero is None else nn.Parameter(zero.clone())

@@ -35,12 +35,12 @@ def test_mse_never_worse_than_reference_and_clips_outliers():
     assert (s < fmt.choose_params(blocks)[0]).any()
 
 
-def test_learned_is_parameter_initialised_from_mse():
+def test_learned_is_parameter_initialised_from_the_reference_rule():
     w = nn.Parameter(torch.randn(4, 64))
     wq = WeightQuantizer("int4_asym_g32", w, "learned")
     params = dict(wq.named_parameters())
     assert set(params) == {"scale", "zero"}
-    s, z = mse_params(wq.fmt, to_blocks(w.detach(), 32))
+    s, z = wq.fmt.choose_params(to_blocks(w.detach(), 32))
     assert torch.equal(wq.scale.detach(), s) and torch.equal(wq.zero.detach(), z)
     out = wq(w)
     out.sum().backward()

@@ -1,0 +1,154 @@
+"""The quality benchmarks' plumbing (bench/quality.py, bench/qlora_quality.py): variant syntax, result rows
+merged across processes, and llama.cpp's PTQ giving the per-tensor types of qat's export. The runs
+themselves need SmolLM2 and minutes; these pieces do not."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RowLog, read_rows  # noqa: E402
+from bench.quality import KEEP_FLOAT, add_gap_recovered, merge, parse_variants, table  # noqa: E402
+
+
+def test_parse_variants_options_and_defaults():
+    vs = parse_variants("float,qat:dynamic,qat:learned@lr=5e-5,qat:mse@lr=4e-5,start=100,ptq", lr=2e-5, start=7)
+    assert [(v.label, v.kind, v.observer, v.lr, v.start) for v in vs] == [
+        ("float", "float", None, 2e-5, 7),
+        ("qat:dynamic", "qat", "dynamic", 2e-5, 7),
+        ("qat:learned@lr=5e-5", "qat", "learned", 5e-5, 7),
+        ("qat:mse@lr=4e-5,start=100", "qat", "mse", 4e-5, 100),
+        ("ptq", "ptq", None, 2e-5, 7),
+    ]
+    assert [v.kind for v in parse_variants("qlora,qat:dynamic", 1e-4, 0, plain=("qlora",))] == ["qlora", "qat"]
+
+
+@pytest.mark.parametrize("bad", ["qat:nope", "qat:mse@x=1", "qat:mse@lr=abc", "floatt", "float@lr=1", "start=3",
+                                 "qat:dynamic,qat:dynamic"])
+def test_parse_variants_rejects(bad):
+    with pytest.raises(SystemExit):
+        parse_variants(bad, 1e-5, 0)
+
+
+def _rows():
+    return [dict(model="float", scheme=None, kind="float", ppl_torch=10.0, ppl_llamacpp=10.0),
+            dict(model="ptq-llamacpp", scheme="q4_0", kind="ptq", ppl_torch=14.0, ppl_llamacpp=14.0),
+            dict(model="ptq-ours", scheme="q4_0", kind="ptq", ppl_torch=14.2, ppl_llamacpp=14.4),
+            dict(model="qat:dynamic", scheme="q4_0", kind="qat", ppl_torch=11.0, ppl_llamacpp=12.0),
+            dict(model="qat:dynamic", scheme="q4_k_m", kind="qat", ppl_torch=11.0, ppl_llamacpp=11.0),
+            dict(model="ptq-ours", scheme="q4_k_m", kind="ptq", ppl_torch=12.0, ppl_llamacpp=12.0),
+            dict(model="qat:learned", scheme="q4_k_m", error="QuantError('...')")]
+
+
+def test_gap_recovered_against_llamacpp_ptq_per_scheme():
+    rows = _rows()
+    add_gap_recovered(rows)
+    by = {(r["model"], r["scheme"]): r for r in rows}
+    assert by["qat:dynamic", "q4_0"]["gap_recovered_torch"] == pytest.approx(0.75)
+    assert by["qat:dynamic", "q4_0"]["gap_recovered_llamacpp"] == pytest.approx(0.5)
+    assert by["ptq-ours", "q4_0"]["gap_recovered_llamacpp"] == pytest.approx(-0.1)
+    assert by["qat:dynamic", "q4_k_m"]["gap_recovered_llamacpp"] == pytest.approx(0.5)  # ptq-ours: no llama.cpp row
+    assert math.isnan(by["float", None]["gap_recovered_torch"])
+    text = table(rows)
+    assert "75.0%" in text and "error: QuantError" in text
+
+
+def test_rows_merge_across_processes_and_killed_runs(tmp_path, capsys):
+    rows = _rows()
+    a = RowLog(tmp_path / "a.json")  # a finished run: .json written at the end
+    for r in rows[:3]:
+        a.add(dict(r))
+    (tmp_path / "a.json").write_text(json.dumps(dict(meta={"run": "a"}, rows=a.rows)))
+    b = RowLog(tmp_path / "b.json")  # killed: only b.jsonl
+    for r in rows[3:]:
+        b.add(dict(r))
+    b.add(dict(rows[3], ppl_llamacpp=11.0))  # a rerun's row replaces the earlier one
+    got, metas = read_rows([tmp_path / "a.json", tmp_path / "b.json", tmp_path / "missing.json"])
+    assert len(got) == 7 and metas == [{"run": "a"}]
+    merge([tmp_path / "a.json", tmp_path / "b.json"], tmp_path / "all.json")
+    out = json.loads((tmp_path / "all.json").read_text())
+    by = {(r["model"], r["scheme"]): r for r in out["rows"]}
+    assert by["qat:dynamic", "q4_0"]["gap_recovered_llamacpp"] == pytest.approx(0.75)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_qlora_comparisons(tmp_path):
+    from bench.qlora_quality import add_comparisons, order, table
+    rows = [dict(model="b:qat:dynamic", scheme="q4_0", kind="qat", ppl_torch=11.0, ppl_llamacpp=12.0),
+            dict(model="a2:nf4-merge>llama.cpp", scheme="q4_0", kind="ptq", ppl_torch=20.0, ppl_llamacpp=21.0),
+            dict(model="a:fp-merge>llama.cpp", scheme="q4_0", kind="ptq", ppl_torch=14.0, ppl_llamacpp=14.0),
+            dict(model="ref:fp+lora", scheme=None, kind="ref", ppl_torch=9.0, ppl_llamacpp=9.0),
+            dict(model="ref:nf4+lora", scheme=None, kind="ref", ppl_torch=10.0, ppl_llamacpp=10.0)]
+    add_comparisons(rows)
+    assert rows[0]["vs_a_llamacpp"] == pytest.approx(12 / 14 - 1)
+    assert rows[2]["vs_a_torch"] == pytest.approx(0.0)
+    assert [r["model"][:3] for r in order(rows)] == ["ref", "ref", "a:f", "a2:", "b:q"]
+    assert "-14.3%" in table(rows)
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_k_m"])
+def test_llama_quantize_matches_the_qat_export(tmp_path, scheme):
+    """llama.cpp's PTQ of the F16 file holds the tensor types of qat's export (embedding F16); for Q4_0 its
+    codes are qat's encoder's on the F16-rounded weights, byte for byte."""
+    pytest.importorskip("llama_cpp")
+    import torch
+
+    import qat
+    from bench.common import gguf_tensor_types, identical_tensors, llama_ftype, llama_quantize
+    from qat.export.gguf import export_gguf
+    from qat.mixes import FILE_TYPES
+    from tiny_lm import bpe_tokenizer, tiny_llama
+
+    assert llama_ftype(scheme) == FILE_TYPES[scheme]
+    tok = bpe_tokenizer()
+    model = tiny_llama(len(tok), hidden=256, heads=4, kv_heads=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.half().float())
+    f16 = export_gguf(model, tok, tmp_path / "f16.gguf", float_type="f16", progress=False)
+    theirs = llama_quantize(f16, tmp_path / "theirs.gguf", scheme, threads=1)
+    qat.prepare(model, scheme, rules=KEEP_FLOAT)
+    ours = export_gguf(model, tok, tmp_path / "ours.gguf", float_type="f16", progress=False)
+    assert gguf_tensor_types(theirs) == gguf_tensor_types(ours)
+    assert gguf_tensor_types(ours)["token_embd.weight"] == "F16"
+    same, n = identical_tensors(ours, theirs)
+    if scheme == "q4_0":
+        assert same == n
+
+
+def test_window_nll_is_perplexity_from_logits():
+    import numpy as np
+
+    from bench.quality import window_nll
+    from qat.llamacpp import perplexity_from_logits
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 300)).astype(np.float32) * 4
+    win = rng.integers(0, 300, 50).tolist()
+    assert math.exp(window_nll(logits, win) / 49) == pytest.approx(perplexity_from_logits(logits, win, 50), rel=1e-12)
+
+
+@pytest.mark.parametrize("scheme,observer", [("q4_0", "dynamic"), ("q4_0", "learned"), ("q4_k_m", "dynamic")])
+def test_materialize_keeps_the_forward(scheme, observer):
+    """Baking the effective weights in (for fast evaluation) gives the fake-quant forward's logits."""
+    import torch
+
+    import qat
+    from bench.quality import materialize
+    from tiny_lm import tiny_llama
+
+    model = tiny_llama(384, hidden=256, heads=4, kv_heads=2)
+    qat.prepare(model, scheme, rules=KEEP_FLOAT, observer=observer)
+    ids = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        after = materialize(model, "cpu")(ids).logits
+    assert not any(m.enabled for m in model.modules() if isinstance(m, qat.observers.WeightQuantizer))
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -129,8 +129,8 @@ class WeightQuantizer(nn.Module):
             if self._frozen:  # frozen: the learned values are used as they are, and get no gradient
                 return fake_quantize(w, self.fmt, self.scale, self._learned_zero())
             return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
-        if self.observer == "dynamic" and not self._frozen:  # all layers in one launch (kernels/batch.py)
-            group = group_of(self)
+        if self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling():
+            group = group_of(self)  # all layers in one launch (kernels/batch.py); compile traces per layer
             if group is not None and group.active(w):
                 out = group.take(self, w)
                 if out is not None:

@@ -3,7 +3,10 @@ GGUF, same machine, same thread count, side by side.
 
     python bench/export_time.py --type q4_0 --threads 2 --out bench/results/export_time.json
 
-Both produce the same tensor types: every Linear in ``--type``, the (tied) embedding in F16.
+Both write the same tensor types, checked tensor by tensor with ``gguf.GGUFReader`` after the runs (the
+script fails on any mismatch): every Linear in ``--type`` (mixes: llama.cpp's per-tensor types), the
+embedding in F16 and no separate output tensor (SmolLM2 ties ``lm_head`` to ``embed_tokens``; llama.cpp
+keeps the tied embedding F16 when asked, so our plan leaves both float too).
 The qat side is the full ``export_gguf`` (codes from ``qat.convert``, packing, tokenizer metadata,
 writing); the llama.cpp side is ``llama_model_quantize`` of the F16 file (reading, quantizing, writing).
 """
@@ -42,6 +45,15 @@ def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize returned {rc}")
 
 
+def tensor_type_mismatches(ours: Path, theirs: Path) -> list[str]:
+    """Tensors whose GGML type differs between the two files (or that only one of them has)."""
+    from gguf import GGUFReader
+    a = {t.name: t.tensor_type.name for t in GGUFReader(ours).tensors}
+    b = {t.name: t.tensor_type.name for t in GGUFReader(theirs).tensors}
+    return [f"{name}: qat {a.get(name, 'absent')}, llama.cpp {b.get(name, 'absent')}"
+            for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--type", default="q4_0", choices=sorted(FTYPES))
@@ -53,7 +65,9 @@ def main() -> None:
     model, tok = load_base(smollm2_gguf())
     work = Path(tempfile.mkdtemp(prefix="qat-export-time-"))
     f16 = export_gguf(model, tok, work / "model.F16.gguf", float_type="f16", force=True, progress=False)
-    qat.prepare(model, args.type, rules={"*.embed_tokens": None})
+    # the embedding and the head tied to it stay float on both sides (llama.cpp: token_embedding_type and
+    # output_tensor_type F16 below); without the "lm_head" rule a mix would plan the head as Q8_0/Q6_K
+    qat.prepare(model, args.type, rules={"*.embed_tokens": None, "lm_head": None})
     ours, theirs = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -62,16 +76,21 @@ def main() -> None:
         t0 = time.perf_counter()
         llama_quantize(f16, work / "llama.gguf", FTYPES[args.type], args.threads)
         theirs.append(time.perf_counter() - t0)
+    mismatches = tensor_type_mismatches(work / "ours.gguf", work / "llama.gguf")
     res = dict(type=args.type, threads=args.threads, qat_s=statistics.median(ours), llamacpp_s=statistics.median(theirs),
                ratio=statistics.median(ours) / statistics.median(theirs),
                qat_mib=(work / "ours.gguf").stat().st_size / 2**20, llamacpp_mib=(work / "llama.gguf").stat().st_size / 2**20,
-               all_qat_s=ours, all_llamacpp_s=theirs)
+               all_qat_s=ours, all_llamacpp_s=theirs, type_mismatches=mismatches)
     print(json.dumps(res, indent=1))
     print(f"\n{args.type}, {args.threads} threads: qat {res['qat_s']:.2f} s, llama.cpp {res['llamacpp_s']:.2f} s "
           f"-> {res['ratio']:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
+    if mismatches:
+        print(f"\n{len(mismatches)} tensors have different types in the two files:\n  " + "\n  ".join(mismatches))
+        sys.exit(1)
+    print("tensor types: identical in both files")
 
 
 if __name__ == "__main__":

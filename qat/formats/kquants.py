@@ -116,79 +116,151 @@ def _fp16(t: Tensor) -> Tensor:
 # the searches of ggml-quants.c. Inputs are element-major: x has shape (n, *batch), one column per
 # sub-block, so the sequential sums run over dim 0.
 # ------------------------------------------------------------------------------------------------
+def _seqsum_into(out: Tensor, t: Tensor) -> Tensor:
+    """``_seqsum`` written into ``out``, without a temporary per addition."""
+    torch.add(t[0], 0.0, out=out)  # C's 0 + t[0]: turns -0.0 into +0.0
+    for i in range(1, t.shape[0]):
+        out.add_(t[i])
+    return out
+
+
+def _round_is_exact(f_a: Tensor, f_b: Tensor, skip: Tensor) -> bool:
+    """Whether ``nearest_int(f)`` is plain round-half-even (``torch.round``) for every fp32 ``f`` between
+    ``f_a`` and ``f_b`` (per column), in every column ``skip`` does not mark.
+
+    ``nearest_int`` is exact iff ``f + 1.5*2^23`` rounds into [2^23, 2^24), where the fp32 ulp is 1;
+    outside, it returns garbage that we must reproduce. fp32 addition is monotone, so the column's two
+    ends decide for all values in between. NaN fails the test."""
+    va, vb = f_a + 12582912.0, f_b + 12582912.0
+    ok = (va >= 8388608.0) & (va < 16777216.0) & (vb >= 8388608.0) & (vb < 16777216.0)
+    return bool((ok | skip).all())
+
+
+def _codes_into(out: Tensor, x: Tensor, iscale: Tensor, mn: Optional[Tensor], lo: int, hi: int,
+                x_lo: Tensor, x_hi: Tensor, skip: Tensor) -> Tensor:
+    """``out = MAX(lo, MIN(hi, nearest_int(iscale*(x - mn))))`` (``iscale*x`` when ``mn`` is None) in
+    fp32, for x of shape (n, B) with per-column ``iscale``/``mn`` and column extremes ``x_lo``/``x_hi``.
+
+    ``fl(iscale*fl(x - mn))`` is monotone in x, so the extremes bound every element's value and decide
+    whether ``round_`` equals nearest_int for the whole tensor (always, for real weights); otherwise the
+    exact bit trick runs. Columns in ``skip`` (results thrown away by the caller) are not checked."""
+    if mn is None:
+        torch.mul(x, iscale, out=out)
+        f_a, f_b = x_lo * iscale, x_hi * iscale
+    else:
+        torch.sub(x, mn, out=out)
+        out.mul_(iscale)
+        f_a, f_b = (x_lo - mn) * iscale, (x_hi - mn) * iscale
+    if _round_is_exact(f_a, f_b, skip):
+        out.round_()
+    else:
+        out.copy_(nearest_int(out))  # |values| < 2^24: exact in fp32
+    return out.clamp_(lo, hi)
+
+
 def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Asymmetric sub-block search: returns (scale, the_min, L) with ``x ~ scale*L - the_min``."""
+    """Asymmetric sub-block search: returns (scale, the_min, L) with ``x ~ scale*L - the_min``.
 
-    def error(scale: Tensor, lf: Tensor, mn: Tensor) -> Tensor:
-        diff = scale * lf + mn - x
-        diff = diff.abs() if use_mad else diff * diff
-        return _seqsum(w * diff)
-
-    mn, mx = x.amin(0), x.amax(0)
+    Every candidate's codes are computed in place in one fp32 buffer; the winner's codes are not kept
+    but recomputed once at the end from its ``iscale`` and ``min`` (the same expression, so the same codes)."""
+    batch, n = x.shape[1:], x.shape[0]
+    x, w = x.reshape(n, -1), w.reshape(n, -1)
+    x_lo, x_hi = x.amin(0), x.amax(0)
     wx = w * x
-    sum_w, sum_x = w[0], wx[0]
-    for i in range(1, x.shape[0]):
-        sum_w = sum_w + w[i]
-        sum_x = sum_x + wx[i]
-    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
-    flat = mx == mn
+    sum_w, sum_x = w[0].clone(), wx[0].clone()
+    for i in range(1, n):
+        sum_w.add_(w[i])
+        sum_x.add_(wx[i])
+    del wx
+    mn, mx = torch.where(x_lo > 0, torch.zeros_like(x_lo), x_lo), x_hi
+    flat = mx == mn  # C returns before the search
+
+    lf = torch.empty_like(x)  # candidate codes, fp32
+    err = torch.empty_like(x)
+    sums = torch.empty((n, 3) + x.shape[1:], dtype=x.dtype)
+    acc = torch.empty((3,) + x.shape[1:], dtype=x.dtype)
+
+    def error(scale: Tensor, m: Tensor) -> Tensor:
+        torch.mul(lf, scale, out=err)  # diff = scale*L + min - x
+        err.add_(m).sub_(x)
+        err.abs_() if use_mad else err.mul_(err)
+        return _seqsum_into(torch.empty_like(scale), err.mul_(w))
 
     iscale = _div(float(nmax), mx - mn)
     scale = _div(1.0, iscale)
-    L = nearest_int(iscale * (x - mn)).clamp(0, nmax)
-    best_error = error(scale, L.float(), mn)
+    _codes_into(lf, x, iscale, mn, 0, nmax, x_lo, x_hi, flat)
+    best_error = error(scale, mn)
+    best_iscale, best_mn = iscale, mn
     for step in range(nstep + 1):
         iscale = _div(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), mx - mn)
-        laux = nearest_int(iscale * (x - mn)).clamp(0, nmax)
-        lf = laux.float()
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = _seqsum(wl), _seqsum(wl * lf), _seqsum(wl * x)
+        _codes_into(lf, x, iscale, mn, 0, nmax, x_lo, x_hi, flat)
+        torch.mul(w, lf, out=sums[:, 0])
+        torch.mul(sums[:, 0], lf, out=sums[:, 1])
+        torch.mul(sums[:, 0], x, out=sums[:, 2])
+        sum_l, sum_l2, sum_xl = _seqsum_into(acc, sums)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
         clip = this_min > 0
         this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(clip, _div(sum_xl, sum_l2), this_scale)
-        cur_error = error(this_scale, lf, this_min)
-        better = (D > 0) & (cur_error < best_error) & ~flat  # C returns before the search if flat
-        L = torch.where(better, laux, L)
+        cur_error = error(this_scale, this_min)
+        better = (D > 0) & (cur_error < best_error) & ~flat
         best_error = torch.where(better, cur_error, best_error)
         scale = torch.where(better, this_scale, scale)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_mn = torch.where(better, mn, best_mn)
         mn = torch.where(better, this_min, mn)  # C updates min in place: later steps see it
 
-    zero = torch.zeros_like(scale)
+    L = nearest_int(best_iscale * (x - best_mn)).clamp(0, nmax)
     L = torch.where(flat, torch.zeros_like(L), L)
-    return torch.where(flat, zero, scale), -mn, L
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale.reshape(batch), -mn.reshape(batch), L.reshape((n,) + batch)
 
 
 def _make_qx_quants_rmse1(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
-    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: symmetric, weights x^2 (Q6_K)."""
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: symmetric, weights x^2 (Q6_K).
+
+    As in ``_make_qkx2_quants``, the winner's codes are recomputed once from its ``iscale``."""
+    batch, n = x.shape[1:], x.shape[0]
+    x = x.reshape(n, -1)
     amax, mx = _first_absmax(x, 0)
+    zero_group = amax < _GROUP_MAX_EPS
+    x_lo, x_hi = x.amin(0), x.amax(0)
     w = x * x
     wx = w * x
+    lf = torch.empty_like(x)
+    sums = torch.empty((n, 2) + x.shape[1:], dtype=x.dtype)
+    acc = torch.empty((2,) + x.shape[1:], dtype=x.dtype)
 
-    def candidate(iscale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
-        lf = l.float()
-        return l + nmax, _seqsum(wx * lf), _seqsum(w * lf * lf)
+    def candidate(iscale: Tensor) -> tuple[Tensor, Tensor]:
+        _codes_into(lf, x, iscale, None, -nmax, nmax - 1, x_lo, x_hi, zero_group)
+        torch.mul(wx, lf, out=sums[:, 0])  # w*x*l
+        torch.mul(w, lf, out=sums[:, 1])  # w*l*l
+        sums[:, 1].mul_(lf)
+        sumlx, suml2 = _seqsum_into(acc, sums)
+        return sumlx.clone(), suml2.clone()
 
-    L, sumlx, suml2 = candidate(_div(float(-nmax), mx))
+    best_iscale = _div(float(-nmax), mx)
+    sumlx, suml2 = candidate(best_iscale)
     scale = torch.where(suml2 != 0, _div(sumlx, suml2), torch.zeros_like(suml2))
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
         c = _f32(nmax + _f32(_f32(0.1) * step))
-        laux, sumlx, suml2 = candidate(_div(-c, mx))
+        iscale = _div(-c, mx)
+        sumlx, suml2 = candidate(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better, laux, L)
+        best_iscale = torch.where(better, iscale, best_iscale)
         scale = torch.where(better, _div(sumlx, suml2), scale)
         best = torch.where(better, scale * sumlx, best)
 
-    zero_group = amax < _GROUP_MAX_EPS
+    L = nearest_int(best_iscale * x).clamp(-nmax, nmax - 1) + nmax
     L = torch.where(zero_group, torch.zeros_like(L), L)
-    return torch.where(zero_group, torch.zeros_like(scale), scale), L
+    scale = torch.where(zero_group, torch.zeros_like(scale), scale)
+    return scale.reshape(batch), L.reshape((n,) + batch)
 
 
 def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:

@@ -261,10 +261,10 @@ class _FusedSTE(torch.autograd.Function):
 
 
 def can_fuse(w: Tensor, fmt: AffineFormat) -> bool:
-    import os
-
-    return (HAS_TRITON and w.is_cuda and kernel_kind(fmt) is not None and w.shape[-1] % fmt.block == 0
-            and not os.environ.get("QAT_DISABLE_TRITON"))
+    if not (HAS_TRITON and w.is_cuda and kernel_kind(fmt) is not None and w.shape[-1] % fmt.block == 0):
+        return False
+    # the switch is read in eager mode only: nothing for dynamo to trace (or break its graph on)
+    return torch.compiler.is_compiling() or not os.environ.get("QAT_DISABLE_TRITON")
 
 
 def fused_ste(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool) -> Tensor:

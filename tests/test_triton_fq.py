@@ -114,8 +114,19 @@ def test_compiled_training_step_no_graph_breaks_and_same_grads(name):
     explain = torch._dynamo.explain(mc)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
-    yc = torch.compile(mc)(x)
+    cm = torch.compile(mc)
+    yc = cm(x)
     yc.square().sum().backward()
     assert torch.equal(ye, yc)
     assert torch.equal(me.weight.grad, mc.weight.grad)
     assert torch.equal(me.weight_fake_quant.scale, mc.weight_fake_quant.scale)
+    assert not mc.weight_fake_quant.scale.requires_grad
+    # more steps: nothing from one step's graph may leak into the next (observer buffers included)
+    for m, f in ((me, me), (mc, cm)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.step()
+            opt.zero_grad()
+            f(x).square().sum().backward()
+    assert torch.equal(me.weight.grad, mc.weight.grad)
+    assert torch.equal(me.weight, mc.weight)

@@ -240,10 +240,10 @@ if HAS_TRITON:
 def compiled_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool) -> Tensor:
     """The fused fake quant as traced under torch.compile; with ``dynamic`` the buffers get the new parameters."""
     out, _, s, z = _fq_op(w, scale, zero, fmt.name, dynamic)
-    if dynamic:
-        scale.copy_(s)
+    if dynamic:  # detached: a buffer copied from a graph output would chain every step's graph to the next
+        scale.copy_(s.detach())
         if zero is not None:
-            zero.copy_(z)
+            zero.copy_(z.detach())
     return out
 
 

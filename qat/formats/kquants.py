@@ -5,18 +5,22 @@ The encoder follows llama.cpp's reference quantizers without an importance matri
 (``quantize_row_q{2..6}_K_ref`` in ggml-quants.c, with ``make_qkx2_quants``, ``make_q3_quants``,
 ``make_qx_quants`` and ``nearest_int``) operation for operation in fp32, so the bytes we write are the
 bytes ``llama-quantize`` writes and our fake-quantized weight is bitwise what llama.cpp reconstructs.
-It runs over all sub-blocks of a tensor at once; the only Python loops are over the fixed candidate
-grids of the searches and over the 16/32 elements of a sub-block where C accumulates sequentially.
+It runs over all sub-blocks of a tensor at once (in column chunks that stay in cache); the Python loops
+are over the fixed candidate grids of the searches (and, off CPU, over the 16/32 elements of a
+sub-block where C accumulates sequentially).
 
 Bitwise equality with C rests on a few rules kept throughout:
 
-* every fp32 sum that C accumulates in a loop is accumulated in the same order (``_seqsum``),
-  never with ``torch.sum`` (pairwise);
+* every fp32 sum that C accumulates in a loop is accumulated in the same order (``_seqsum``,
+  ``_seqsum_into``), never with ``torch.sum`` (pairwise);
 * every C expression keeps its evaluation order, ``w*x*l`` is ``(w*x)*l``;
 * divisions go through ``_div`` with tensor operands: ``63.0 / t`` in torch is ``t.reciprocal() * 63``,
   and CUDA divides by a CPU scalar by multiplying with its reciprocal; both round differently;
 * ``sqrtf`` is an fp64 sqrt rounded to fp32 (``torch.sqrt`` on CPU can be an ulp off, see ``_sqrtf``);
-* ``nearest_int`` is C's ``12582912.f`` bit trick, bit for bit (round half to even in range);
+* ``nearest_int`` is C's ``12582912.f`` bit trick, bit for bit (round half to even in range; the
+  searches use ``round_`` only where a check proves it in range, see ``_codes_into``);
+* selections go through int32 masks and bitwise selects (``_mask``, ``_sel``), bit for bit
+  ``torch.where`` (which runs element by element on CPU);
 * integer stores wrap like C's ``uint8_t`` / ``int8_t`` assignments.
 
 Unpacked storage (``QTensor``): ``codes`` are the stored unsigned codes (Q3_K 0..7 means ``code - 4``,
@@ -26,6 +30,7 @@ dequantization uses them (Q3_K and Q6_K scales signed), shape ``(*lead, n_superb
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -53,7 +58,12 @@ def nearest_int(f: Tensor) -> Tensor:
 
     Round half to even for ``|f| <= 4194303``; outside that range it returns the same garbage C does."""
     v = f + 12582912.0
-    return (v.view(torch.int32) & 0x007FFFFF) - 0x00400000
+    return v.view(torch.int32).bitwise_and_(0x007FFFFF).sub_(0x00400000)
+
+
+def _nearest_int_(f: Tensor) -> Tensor:
+    """``nearest_int`` computed in ``f``'s own memory (an fp32 scratch buffer): returns an int32 view of it."""
+    return f.add_(12582912.0).view(torch.int32).bitwise_and_(0x007FFFFF).sub_(0x00400000)
 
 
 def _div(a, b) -> Tensor:
@@ -66,11 +76,8 @@ def _div(a, b) -> Tensor:
 
 
 def _seqsum(t: Tensor) -> Tensor:
-    """``float s = 0; for (i...) s += t[i];`` over dim 0, in that order."""
-    s = torch.zeros_like(t[0])
-    for v in t:
-        s = s + v
-    return s
+    """``float s = 0; for (i...) s += t[i];`` over dim 0, in that order (see ``_seqsum_into``)."""
+    return _seqsum_into(t.new_empty((1,) + t.shape[1:]), t)
 
 
 def _running_max(v: Tensor) -> Tensor:
@@ -78,16 +85,37 @@ def _running_max(v: Tensor) -> Tensor:
     return torch.where(v > 0, v, torch.zeros_like(v)).amax(-1)
 
 
+def _mask(fn, a: Tensor, b) -> Tensor:
+    """``fn(a, b)`` (``torch.gt``, ``torch.lt`` ...) as an int32 mask: -1 where true, 0 where false.
+    On CPU, comparisons into int32 and bitwise selects (``_sel``) are vectorized; bool results and
+    ``torch.where`` run element by element, 5-20x slower."""
+    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, Tensor) else a.shape
+    return fn(a, b, out=torch.empty(shape, dtype=torch.int32, device=a.device)).neg_()
+
+
+def _sel(m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.where(m, a, b)`` bit for bit, for an int32 mask from ``_mask`` and fp32 or int32 a, b."""
+    ai, bi = a.view(torch.int32), b.view(torch.int32)
+    return ((ai ^ bi).bitwise_and_(m).bitwise_xor_(bi)).view(b.dtype)
+
+
+def _zero_where(m: Tensor, b: Tensor) -> Tensor:
+    """``torch.where(m, 0, b)`` (+0.0 for fp32) for an int32 mask from ``_mask``."""
+    return (b.view(torch.int32) & ~m).view(b.dtype)
+
+
 def _first_absmax(v: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """``if (fabsf(v) > amax) { amax = fabsf(v); max = v; }`` from amax = max = 0: (amax, signed max).
 
-    First index among equal maxima, as C's strict ``>``; NaN never wins (torch.argmax would pick it)."""
-    a = v.abs()
-    a = torch.where(a > 0, a, torch.zeros_like(a))
-    idx = a.argmax(dim, keepdim=True)
-    amax = a.gather(dim, idx).squeeze(dim)
-    mx = v.gather(dim, idx).squeeze(dim)
-    return amax, torch.where(amax > 0, mx, torch.zeros_like(mx))
+    The C loop itself, one slice of ``dim`` at a time: first index among equal maxima (C's strict
+    ``>``), NaN never wins, max stays +0 when every value is 0."""
+    v = v.movedim(dim, 0)
+    amax, mx = torch.zeros_like(v[0]), torch.zeros_like(v[0])
+    for vi in v:
+        a = vi.abs()
+        m = _mask(torch.gt, a, amax)
+        amax, mx = _sel(m, a, amax), _sel(m, vi, mx)
+    return amax, mx
 
 
 def _as_uint8(i: Tensor) -> Tensor:
@@ -116,151 +144,217 @@ def _fp16(t: Tensor) -> Tensor:
 # the searches of ggml-quants.c. Inputs are element-major: x has shape (n, *batch), one column per
 # sub-block, so the sequential sums run over dim 0.
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _zeros_index(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.long)
+
+
 def _seqsum_into(out: Tensor, t: Tensor) -> Tensor:
-    """``_seqsum`` written into ``out``, without a temporary per addition."""
-    torch.add(t[0], 0.0, out=out)  # C's 0 + t[0]: turns -0.0 into +0.0
-    for i in range(1, t.shape[0]):
-        out.add_(t[i])
-    return out
+    """``_seqsum(t)`` written into ``out`` (shape ``(1, *t.shape[1:])``); returns ``out[0]``.
+
+    On CPU, ``index_add_`` with every index 0 is that loop in C++, in index order and in fp32
+    (``tests/test_kquants.py`` checks it against the Python loop): one call instead of one per row.
+    Elsewhere (CUDA's index_add_ accumulates with atomics, in no fixed order) the loop runs in Python."""
+    out.zero_()  # C's s = 0: 0 + t[0] turns -0.0 into +0.0
+    if t.device.type == "cpu":
+        return out.index_add_(0, _zeros_index(t.shape[0]), t)[0]
+    for r in t.unbind(0):
+        out[0].add_(r)
+    return out[0]
 
 
-def _round_is_exact(f_a: Tensor, f_b: Tensor, skip: Tensor) -> bool:
-    """Whether ``nearest_int(f)`` is plain round-half-even (``torch.round``) for every fp32 ``f`` between
-    ``f_a`` and ``f_b`` (per column), in every column ``skip`` does not mark.
-
-    ``nearest_int`` is exact iff ``f + 1.5*2^23`` rounds into [2^23, 2^24), where the fp32 ulp is 1;
-    outside, it returns garbage that we must reproduce. fp32 addition is monotone, so the column's two
-    ends decide for all values in between. NaN fails the test."""
-    va, vb = f_a + 12582912.0, f_b + 12582912.0
-    ok = (va >= 8388608.0) & (va < 16777216.0) & (vb >= 8388608.0) & (vb < 16777216.0)
-    return bool((ok | skip).all())
+def _sel_(m: Tensor, new: Tensor, state: Tensor) -> Tensor:
+    """In place ``state = torch.where(m, new, state)`` bit for bit, for an int32 mask from ``_mask``
+    broadcasting against fp32 ``new``/``state``."""
+    si = state.view(torch.int32)
+    si ^= (new.view(torch.int32) ^ si).bitwise_and_(m)
+    return state
 
 
 def _codes_into(out: Tensor, x: Tensor, iscale: Tensor, mn: Optional[Tensor], lo: int, hi: int,
-                x_lo: Tensor, x_hi: Tensor, skip: Tensor) -> Tensor:
+                ends: Tensor) -> Tensor:
     """``out = MAX(lo, MIN(hi, nearest_int(iscale*(x - mn))))`` (``iscale*x`` when ``mn`` is None) in
-    fp32, for x of shape (n, B) with per-column ``iscale``/``mn`` and column extremes ``x_lo``/``x_hi``.
+    fp32, for x of shape (n, B) with per-column ``iscale``/``mn``; ``ends`` (2, B) holds each column's
+    min and max.
 
-    ``fl(iscale*fl(x - mn))`` is monotone in x, so the extremes bound every element's value and decide
-    whether ``round_`` equals nearest_int for the whole tensor (always, for real weights); otherwise the
-    exact bit trick runs. Columns in ``skip`` (results thrown away by the caller) are not checked."""
+    ``nearest_int(f)`` is plain round-half-even (``round_``) iff ``f + 1.5*2^23`` rounds into
+    [2^23, 2^24), where the fp32 ulp is 1: certainly when ``|f| <= 4194303``. Outside, it returns garbage
+    we must reproduce with the bit trick itself. ``fl(iscale*fl(x - mn))`` is monotone in x, so the
+    column's extremes bound ``|f|`` for all its elements: one small check per call on CPU (real weights
+    always pass it; NaN or inf fail it); other devices take the bit trick without a host sync."""
     if mn is None:
         torch.mul(x, iscale, out=out)
-        f_a, f_b = x_lo * iscale, x_hi * iscale
     else:
         torch.sub(x, mn, out=out)
         out.mul_(iscale)
-        f_a, f_b = (x_lo - mn) * iscale, (x_hi - mn) * iscale
-    if _round_is_exact(f_a, f_b, skip):
+    exact = False
+    if out.device.type == "cpu":
+        bound = (ends * iscale) if mn is None else (ends - mn).mul_(iscale)
+        exact = float(bound.abs_().max()) <= 4194303.0
+    if exact:
         out.round_()
     else:
         out.copy_(nearest_int(out))  # |values| < 2^24: exact in fp32
     return out.clamp_(lo, hi)
 
 
+# The searches run over column chunks of about this many elements: every candidate makes a dozen passes
+# over its buffers, which then stay in cache; smaller chunks cost more in per-operation overhead.
+_CHUNK_ELEMS = 1 << 19
+
+
+def _by_columns(fn, x: Tensor, *more: Tensor) -> tuple[Tensor, ...]:
+    """Run a search ``fn(x, *more)`` on (n, B) views in column chunks: every column is independent.
+    Results: per-column tensors (B,) and, last, the codes (n, B); reshaped back to x's batch shape."""
+    batch, n = x.shape[1:], x.shape[0]
+    x, more = x.reshape(n, -1), [m.reshape(n, -1) for m in more]
+    step = max(1, _CHUNK_ELEMS // n)
+    if x.shape[1] <= step:
+        outs = fn(x, *more)
+    else:
+        parts = [fn(*(t[:, i:i + step] for t in (x, *more))) for i in range(0, x.shape[1], step)]
+        outs = [torch.cat(r, dim=-1) for r in zip(*parts)]
+    return tuple(o.reshape(batch) for o in outs[:-1]) + (outs[-1].reshape((n,) + batch),)
+
+
 def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric sub-block search: returns (scale, the_min, L) with ``x ~ scale*L - the_min``.
 
-    Every candidate's codes are computed in place in one fp32 buffer; the winner's codes are not kept
-    but recomputed once at the end from its ``iscale`` and ``min`` (the same expression, so the same codes)."""
-    batch, n = x.shape[1:], x.shape[0]
-    x, w = x.reshape(n, -1), w.reshape(n, -1)
+    Each candidate's codes are computed in place in one fp32 buffer; the winner's codes are not kept
+    but recomputed once at the end from its ``iscale`` and ``min`` (the same expression, the same codes)."""
+    return _by_columns(lambda x, w: _qkx2_cols(x, w, nmax, rmin, rdelta, nstep, use_mad), x, w)
+
+
+def _qkx2_cols(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+               use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    n, B = x.shape
+    f32, dev = x.dtype, x.device
     x_lo, x_hi = x.amin(0), x.amax(0)
     wx = w * x
-    sum_w, sum_x = w[0].clone(), wx[0].clone()
+    sum_w, sum_x = w[0].clone(), wx[0].clone()  # C starts these from element 0, not from 0
     for i in range(1, n):
         sum_w.add_(w[i])
         sum_x.add_(wx[i])
     del wx
-    mn, mx = torch.where(x_lo > 0, torch.zeros_like(x_lo), x_lo), x_hi
-    flat = mx == mn  # C returns before the search
+    mx = x_hi
+    mn0 = _zero_where(_mask(torch.gt, x_lo, 0.0), x_lo)
+    flat = _mask(torch.eq, mx, mn0)  # C returns before the search
+    search = torch.eq(mx, mn0, out=torch.empty(B, dtype=torch.int32, device=dev)).bitwise_xor_(1)  # 1 = search
+    flat_fix = (flat & 1).to(f32)  # 1.0 added to flat columns' max - min: a finite iscale (results thrown away)
+    ends = torch.stack([x_lo, x_hi])
+
+    # the search state, one row each: best error, iscale and min its codes were made with, its scale,
+    # and the current min (C updates min in place: later candidates see it). A candidate has the same
+    # rows (error, iscale, min used, scale, min) and is written over the state where better.
+    state = torch.empty((5, B), dtype=f32, device=dev)
+    best_error, best_iscale, best_mn, scale, mn = state.unbind(0)
+    cand = torch.empty((5, B), dtype=f32, device=dev)
+    cur_error, iscale, mn_used, this_scale, this_min = cand.unbind(0)
+    mn.copy_(mn0)
+    denom = (mx - mn).add_(flat_fix)
 
     lf = torch.empty_like(x)  # candidate codes, fp32
     err = torch.empty_like(x)
-    sums = torch.empty((n, 3) + x.shape[1:], dtype=x.dtype)
-    acc = torch.empty((3,) + x.shape[1:], dtype=x.dtype)
+    sums = torch.empty((n, 3, B), dtype=f32, device=dev)
+    acc = torch.empty((1, 3, B), dtype=f32, device=dev)
+    # D = sum_w*sum_l2 - sum_l*sum_l and the scale and min numerators, as rows of k1*a - k2*b
+    k1 = torch.stack([sum_w, sum_w, sum_x])  # times [sum_l2, sum_xl, sum_l2]
+    k2 = torch.stack([sum_x, sum_x, sum_x])  # rows 0, 2 become sum_l: [sum_l, sum_x, sum_l] times
+    pick1 = torch.tensor([1, 2, 1], device=dev)
+    pick2 = torch.tensor([0, 0, 2], device=dev)  # [sum_l, sum_l, sum_xl]
+    ib1 = torch.empty(B, dtype=torch.int32, device=dev)
+    ib2 = torch.empty(B, dtype=torch.int32, device=dev)
 
-    def error(scale: Tensor, m: Tensor) -> Tensor:
-        torch.mul(lf, scale, out=err)  # diff = scale*L + min - x
+    def error(sc: Tensor, m: Tensor, out: Tensor) -> None:
+        torch.mul(lf, sc, out=err)  # diff = scale*L + min - x
         err.add_(m).sub_(x)
         err.abs_() if use_mad else err.mul_(err)
-        return _seqsum_into(torch.empty_like(scale), err.mul_(w))
+        err.mul_(w)
+        _seqsum_into(out.unsqueeze(0), err)
 
-    iscale = _div(float(nmax), mx - mn)
-    scale = _div(1.0, iscale)
-    _codes_into(lf, x, iscale, mn, 0, nmax, x_lo, x_hi, flat)
-    best_error = error(scale, mn)
-    best_iscale, best_mn = iscale, mn
+    torch.div(torch.full_like(denom, float(nmax)), denom, out=best_iscale)
+    best_mn.copy_(mn)
+    torch.div(torch.ones_like(denom), best_iscale, out=scale)
+    _codes_into(lf, x, best_iscale, mn, 0, nmax, ends)
+    error(scale, mn, best_error)
     for step in range(nstep + 1):
-        iscale = _div(_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax), mx - mn)
-        _codes_into(lf, x, iscale, mn, 0, nmax, x_lo, x_hi, flat)
+        c = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)
+        torch.div(torch.full_like(denom, c), denom, out=iscale)
+        mn_used.copy_(mn)
+        _codes_into(lf, x, iscale, mn, 0, nmax, ends)
         torch.mul(w, lf, out=sums[:, 0])
         torch.mul(sums[:, 0], lf, out=sums[:, 1])
         torch.mul(sums[:, 0], x, out=sums[:, 2])
-        sum_l, sum_l2, sum_xl = _seqsum_into(acc, sums)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = _div(sum_w * sum_xl - sum_x * sum_l, D)
-        this_min = _div(sum_l2 * sum_x - sum_l * sum_xl, D)
-        clip = this_min > 0
-        this_min = torch.where(clip, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(clip, _div(sum_xl, sum_l2), this_scale)
-        cur_error = error(this_scale, this_min)
-        better = (D > 0) & (cur_error < best_error) & ~flat
-        best_error = torch.where(better, cur_error, best_error)
-        scale = torch.where(better, this_scale, scale)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        best_mn = torch.where(better, mn, best_mn)
-        mn = torch.where(better, this_min, mn)  # C updates min in place: later steps see it
+        sl = _seqsum_into(acc, sums)  # [sum_l, sum_l2, sum_xl]
+        k2[0::2] = sl[0]
+        r = (k1 * sl[pick1]).sub_(k2 * sl[pick2])  # [D, scale numerator, min numerator]
+        D = r[0]
+        torch.div(r[1:], D, out=cand[3:])  # this_scale, this_min
+        clip = torch.gt(this_min, 0.0, out=ib1).neg_()
+        this_min.view(torch.int32).bitwise_and_(~clip)  # this_min = 0 where clipped
+        _sel_(clip, _div(sl[2], sl[1]), this_scale)  # this_scale = sum_xl / sum_l2 there
+        error(this_scale, this_min, cur_error)
+        better = torch.gt(D, 0.0, out=ib1)
+        better &= torch.lt(cur_error, best_error, out=ib2)
+        better &= search
+        _sel_(better.neg_(), cand, state)
+        torch.sub(mx, mn, out=denom).add_(flat_fix)
 
-    L = nearest_int(best_iscale * (x - best_mn)).clamp(0, nmax)
-    L = torch.where(flat, torch.zeros_like(L), L)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale.reshape(batch), -mn.reshape(batch), L.reshape((n,) + batch)
+    torch.sub(x, best_mn, out=lf)
+    L = _nearest_int_(lf.mul_(best_iscale)).clamp_(0, nmax)  # the winner's codes, in lf's memory
+    return _zero_where(flat, scale), -mn, _zero_where(flat, L)
 
 
 def _make_qx_quants_rmse1(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)``: symmetric, weights x^2 (Q6_K).
 
     As in ``_make_qkx2_quants``, the winner's codes are recomputed once from its ``iscale``."""
-    batch, n = x.shape[1:], x.shape[0]
-    x = x.reshape(n, -1)
+    return _by_columns(lambda x: _qx_rmse1_cols(x, nmax), x)
+
+
+def _qx_rmse1_cols(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    n, B = x.shape
     amax, mx = _first_absmax(x, 0)
-    zero_group = amax < _GROUP_MAX_EPS
-    x_lo, x_hi = x.amin(0), x.amax(0)
+    zero_group = _mask(torch.lt, amax, _GROUP_MAX_EPS)
+    mx = _sel(zero_group, torch.ones_like(mx), mx)  # C returns early for these: any finite iscale will do
+    ends = torch.stack([x.amin(0), x.amax(0)])
     w = x * x
     wx = w * x
     lf = torch.empty_like(x)
-    sums = torch.empty((n, 2) + x.shape[1:], dtype=x.dtype)
-    acc = torch.empty((2,) + x.shape[1:], dtype=x.dtype)
+    sums = torch.empty((n, 2, B), dtype=x.dtype, device=x.device)
+    acc = torch.empty((1, 2, B), dtype=x.dtype, device=x.device)
+    state = torch.empty((3, B), dtype=x.dtype, device=x.device)  # best iscale, its scale, best
+    cand = torch.empty((3, B), dtype=x.dtype, device=x.device)
+    best_iscale, scale, best = state.unbind(0)
 
-    def candidate(iscale: Tensor) -> tuple[Tensor, Tensor]:
-        _codes_into(lf, x, iscale, None, -nmax, nmax - 1, x_lo, x_hi, zero_group)
+    def candidate(iscale: Tensor) -> Tensor:
+        _codes_into(lf, x, iscale, None, -nmax, nmax - 1, ends)
         torch.mul(wx, lf, out=sums[:, 0])  # w*x*l
         torch.mul(w, lf, out=sums[:, 1])  # w*l*l
         sums[:, 1].mul_(lf)
-        sumlx, suml2 = _seqsum_into(acc, sums)
-        return sumlx.clone(), suml2.clone()
+        return _seqsum_into(acc, sums)  # [sumlx, suml2]
 
-    best_iscale = _div(float(-nmax), mx)
+    # every candidate's iscale at once: -nmax/max, then -(nmax + 0.1*step)/max for step -9..9 but 0
+    cs = [float(-nmax)] + [-_f32(nmax + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
+    iscales = torch.div(torch.tensor(cs, dtype=x.dtype, device=x.device).unsqueeze(1), mx)
+    best_iscale.copy_(iscales[0])
     sumlx, suml2 = candidate(best_iscale)
-    scale = torch.where(suml2 != 0, _div(sumlx, suml2), torch.zeros_like(suml2))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        c = _f32(nmax + _f32(_f32(0.1) * step))
-        iscale = _div(-c, mx)
+    scale.copy_(_zero_where(_mask(torch.eq, suml2, 0.0), _div(sumlx, suml2)))
+    torch.mul(scale, sumlx, out=best)
+    ib1 = torch.empty(B, dtype=torch.int32, device=x.device)
+    ib2 = torch.empty(B, dtype=torch.int32, device=x.device)
+    for iscale in iscales[1:]:
+        cand[0] = iscale
         sumlx, suml2 = candidate(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        best_iscale = torch.where(better, iscale, best_iscale)
-        scale = torch.where(better, _div(sumlx, suml2), scale)
-        best = torch.where(better, scale * sumlx, best)
+        better = torch.gt(suml2, 0.0, out=ib1)
+        better &= torch.gt(sumlx * sumlx, best * suml2, out=ib2)
+        torch.div(sumlx, suml2, out=cand[1])
+        torch.mul(cand[1], sumlx, out=cand[2])
+        _sel_(better.neg_(), cand, state)
 
-    L = nearest_int(best_iscale * x).clamp(-nmax, nmax - 1) + nmax
-    L = torch.where(zero_group, torch.zeros_like(L), L)
-    scale = torch.where(zero_group, torch.zeros_like(scale), scale)
-    return scale.reshape(batch), L.reshape((n,) + batch)
+    L = _nearest_int_(torch.mul(x, best_iscale, out=lf)).clamp_(-nmax, nmax - 1).add_(nmax)
+    return _zero_where(zero_group, scale), _zero_where(zero_group, L)
 
 
 def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
@@ -268,35 +362,33 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     amax, mx = _first_absmax(x, 0)
     w = x * x
     wx = w * x
-    L = nearest_int(_div(float(-nmax), mx) * x).clamp(-nmax, nmax - 1)
+    L = nearest_int(_div(float(-nmax), mx) * x).clamp_(-nmax, nmax - 1)
     lf = L.float()
     sumlx, suml2 = _seqsum(wx * lf), _seqsum(w * lf * lf)
-    L = list(L.unbind(0))
+    L = list(lf.unbind(0))  # codes as fp32 (exact small integers)
     for _ in range(5):
         # A sub-block with no change in a pass has a fixed state, so running the remaining passes
         # on it (instead of C's per-block break) changes nothing.
-        n_changed = torch.zeros_like(suml2, dtype=torch.bool)
+        n_changed = torch.zeros_like(suml2, dtype=torch.int32)
         for i in range(x.shape[0]):
-            li = L[i].float()
+            li = L[i]
             slx = sumlx - wx[i] * li
             sl2 = suml2 - w[i] * li * li
-            new_l = nearest_int(_div(x[i] * sl2, slx)).clamp(-nmax, nmax - 1)
-            tried = (slx > 0) & (new_l != L[i])
-            nf = new_l.float()
-            slx = slx + wx[i] * nf
-            sl2 = sl2 + w[i] * nf * nf
-            take = tried & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
-            L[i] = torch.where(take, new_l, L[i])
-            sumlx = torch.where(take, slx, sumlx)
-            suml2 = torch.where(take, sl2, suml2)
+            new_l = nearest_int(_div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1).float()
+            tried = _mask(torch.gt, slx, 0.0) & _mask(torch.ne, new_l, li)
+            slx = slx + wx[i] * new_l
+            sl2 = sl2 + w[i] * new_l * new_l
+            take = tried & _mask(torch.gt, sl2, 0.0) & _mask(torch.gt, slx * slx * suml2, sumlx * sumlx * sl2)
+            L[i] = _sel(take, new_l, li)
+            sumlx = _sel(take, slx, sumlx)
+            suml2 = _sel(take, sl2, suml2)
             n_changed |= take
         if not bool(n_changed.any()):
             break
-    L = torch.stack(L) + nmax
-    scale = torch.where(suml2 > 0, _div(sumlx, suml2), torch.zeros_like(suml2))
-    zero_group = amax < _GROUP_MAX_EPS
-    L = torch.where(zero_group, torch.zeros_like(L), L)
-    return torch.where(zero_group, torch.zeros_like(scale), scale), L
+    L = torch.stack(L).to(torch.int32) + nmax
+    scale = _sel(_mask(torch.gt, suml2, 0.0), _div(sumlx, suml2), torch.zeros_like(suml2))
+    zero_group = _mask(torch.lt, amax, _GROUP_MAX_EPS)
+    return _zero_where(zero_group, scale), _zero_where(zero_group, L)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -357,15 +449,18 @@ class KQuantFormat(Format):
 
     # -- bytes -------------------------------------------------------------------------------------
     def to_bytes(self, q: QTensor) -> np.ndarray:
-        """Pack into llama.cpp's block layout: uint8 array ``(*shape[:-1], n_blocks * type_size)``."""
+        """Pack into llama.cpp's block layout: uint8 array ``(*shape[:-1], n_blocks * type_size)``.
+
+        All packing runs on uint8 (casts wrap like C's stores; every field fits its byte)."""
         n_sub = QK_K // self.sub
-        codes = q.codes.detach().cpu().to(torch.int64).reshape(-1, QK_K)
-        sc = q.extra["sub_scales"].detach().cpu().to(torch.int64).reshape(-1, n_sub)
-        mn = q.extra["sub_mins"].detach().cpu().to(torch.int64).reshape(-1, n_sub) if self.has_min else None
-        d = q.scale.detach().cpu().to(torch.float16).reshape(-1, 1).view(torch.uint8)
-        dmin = q.zero.detach().cpu().to(torch.float16).reshape(-1, 1).view(torch.uint8) if self.has_min else None
-        out = torch.cat([p.to(torch.uint8) for p in self._pack(codes, sc, mn, d, dmin)], dim=-1)
-        assert out.shape[-1] == self.type_size
+        u8 = torch.uint8
+        codes = q.codes.detach().cpu().reshape(-1, QK_K).to(u8)
+        sc = q.extra["sub_scales"].detach().cpu().reshape(-1, n_sub).to(u8)
+        mn = q.extra["sub_mins"].detach().cpu().reshape(-1, n_sub).to(u8) if self.has_min else None
+        d = q.scale.detach().cpu().to(torch.float16).reshape(-1, 1).view(u8)
+        dmin = q.zero.detach().cpu().to(torch.float16).reshape(-1, 1).view(u8) if self.has_min else None
+        out = torch.cat(self._pack(codes, sc, mn, d, dmin), dim=-1)
+        assert out.shape[-1] == self.type_size and out.dtype == u8
         return out.reshape(*q.shape[:-1], -1).contiguous().numpy()
 
     def from_bytes(self, data: np.ndarray, shape: tuple[int, ...]) -> QTensor:
@@ -397,10 +492,17 @@ def _f16_at(raw: Tensor, pos: int) -> Tensor:
     return raw[:, pos:pos + 2].contiguous().view(torch.float16).squeeze(-1)
 
 
+def _or_shifted(parts: Tensor, dim: int, shift: int) -> Tensor:
+    """``sum_k parts[k] << (shift*k)`` along ``dim`` for disjoint bit fields, as ORs on uint8."""
+    out = parts.select(dim, 0).clone()
+    for k in range(1, parts.shape[dim]):
+        out |= parts.select(dim, k) << (shift * k)
+    return out
+
+
 def _crumbs(codes: Tensor) -> Tensor:
     """2-bit codes of 256 elements -> 64 bytes: byte 32*h + l holds element 128*h + 32*k + l at bits 2k."""
-    c = codes.reshape(-1, 2, 4, 32) & 3
-    return (c << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)).sum(2).reshape(-1, 64)
+    return _or_shifted(codes.reshape(-1, 2, 4, 32) & 3, 2, 2).reshape(-1, 64)
 
 
 def _uncrumb(qs: Tensor) -> Tensor:
@@ -409,8 +511,7 @@ def _uncrumb(qs: Tensor) -> Tensor:
 
 def _bitplane(bits: Tensor, groups: int) -> Tensor:
     """One bit per element, ``groups`` groups of 32: byte l holds element 32*k + l at bit k."""
-    b = bits.reshape(-1, groups, 32) & 1
-    return (b << torch.arange(groups).reshape(1, groups, 1)).sum(1)
+    return _or_shifted(bits.reshape(-1, groups, 32) & 1, 1, 1)
 
 
 def _unbitplane(q: Tensor, groups: int) -> Tensor:
@@ -448,9 +549,9 @@ def _requantize(xe: Tensor, L: Tensor, d: Tensor, sc: Tensor, dmin: Optional[Ten
     """The final pass every k-quant ref makes: recompute codes from the stored fp16 ``d``/``dmin`` and
     the integer sub-block scales; sub-blocks whose effective scale is 0 keep the search's codes."""
     dq = _fp16(d).unsqueeze(-1) * sc.float()
-    y = xe if dmin is None else xe + _fp16(dmin).unsqueeze(-1) * mn.float()
-    l = nearest_int(_div(y, dq)).clamp(lo, hi) + offset
-    return torch.where(dq == 0, L, l)
+    y = xe.clone() if dmin is None else xe + _fp16(dmin).unsqueeze(-1) * mn.float()
+    l = _nearest_int_(torch.div(y, dq, out=y)).clamp_(lo, hi).add_(offset)
+    return _sel_(_mask(torch.eq, dq, 0.0), L.to(torch.int32), l)
 
 
 class _AsymKQuant(KQuantFormat):
@@ -561,7 +662,7 @@ class _Q3_K(KQuantFormat):
     def _pack(self, codes, sc, mn, d, dmin):
         l = sc + 32
         low = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
-        high = ((l >> 4).reshape(-1, 4, 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 4, 1)).sum(1)
+        high = _or_shifted((l >> 4).reshape(-1, 4, 4), 1, 2)
         return [_bitplane(codes >> 2, 8), _crumbs(codes), low, high, d]
 
     def _unpack(self, b, raw):
@@ -594,8 +695,8 @@ class _Q6_K(KQuantFormat):
         c = codes.reshape(-1, 2, 4, 32)
         ql = torch.cat([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
                         (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], dim=-1).reshape(-1, 128)
-        qh = ((c >> 4) << torch.tensor([0, 2, 4, 6]).reshape(1, 1, 4, 1)).sum(2).reshape(-1, 64)
-        return [ql, qh, sc & 0xFF, d]
+        qh = _or_shifted(c >> 4, 2, 2).reshape(-1, 64)
+        return [ql, qh, sc, d]
 
     def _unpack(self, b, raw):
         ql = b[:, :128].reshape(-1, 2, 2, 32)

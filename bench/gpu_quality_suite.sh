@@ -14,9 +14,9 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_s
 C="--gguf $GGUF --texts $TEXTS --steps $STEPS --batch $BATCH --seq $SEQ --lr 2e-5 --eval-tokens $EVAL --no-ours-ptq --workdir $G"
 Q="$PY bench/quality.py $C"
 T="timeout 1500"
-# ~10 GiB of GPU memory per training process (16 x 512 tokens, 49k vocab): cap how many run at once
+# ~15 GiB of GPU memory per training process (measured on an H200) (16 x 512 tokens, 49k vocab): cap how many run at once
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-MAXJ=${MAXJ:-$(( ${MEM:-0} > 0 ? MEM / 11000 : 13 ))}; [ "$MAXJ" -lt 1 ] && MAXJ=1
+MAXJ=${MAXJ:-$(( ${MEM:-0} > 0 ? MEM / 16500 : 13 ))}; [ "$MAXJ" -lt 1 ] && MAXJ=1
 echo "running at most $MAXJ processes at once"
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$MAXJ" ]; do wait -n; done; }
 slot; $T $Q --schemes q4_0,q4_k_m,q3_k_m --variants float --float-ckpt $G/float.pt --threads 3 --out $RES/float.json > $RES/float.log 2>&1 &

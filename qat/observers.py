@@ -174,6 +174,7 @@ class ActQuantizer(nn.Module):
             raise QuantError(f"unknown activation observer {observer!r}; choose one of {', '.join(ACT_OBSERVERS)}")
         self.observer, self.momentum = observer, momentum
         self.enabled = True
+        self.calibrating = False  # set by qat.calibrate: update the statistics in eval mode too
         self.register_buffer("frozen", torch.tensor(False))
         if observer == "moving_average":
             self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -187,13 +188,17 @@ class ActQuantizer(nn.Module):
         if self.observer == "dynamic":
             scale, zero = self.fmt.choose_params(blocks.detach())
         else:
-            if self.training and not bool(self.frozen):
+            if (self.training or self.calibrating) and not bool(self.frozen):
                 with torch.no_grad():
                     lo, hi = blocks.min(), blocks.max()
                     first = torch.isinf(self.min_val)
                     m = self.momentum
                     self.min_val.copy_(torch.where(first, lo, (1 - m) * self.min_val + m * lo))
                     self.max_val.copy_(torch.where(first, hi, (1 - m) * self.max_val + m * hi))
+            elif bool(torch.isinf(self.min_val)):
+                raise QuantError(
+                    "activation observer 'moving_average' has no statistics yet (never trained or calibrated): "
+                    "run qat.calibrate(model, batches) on a few training batches first, or use act_observer='dynamic'")
             ref = torch.stack([self.min_val, self.max_val]).expand(*blocks.shape[:-1], 2)
             scale, zero = self.fmt.choose_params(ref)
         return fake_quantize(flat, self.fmt, scale, zero).reshape(x.shape)

@@ -113,6 +113,40 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
+def needs_calibration(model: nn.Module) -> bool:
+    """Whether ``model`` has activation observers that keep statistics (``moving_average``) not yet filled."""
+    return any(isinstance(m, ActQuantizer) and m.observer == "moving_average" and bool(torch.isinf(m.min_val))
+               for m in model.modules())
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches, max_batches: int = 8) -> int:
+    """Fill the ``moving_average`` activation statistics of a model that was not trained (PTQ) by running
+    up to ``max_batches`` batches (tensors of input ids, or dicts with ``input_ids``) through it in eval
+    mode. Returns the number of batches used. Weights and weight quantizers are untouched."""
+    acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for m in acts:
+        m.calibrating = True
+    n = 0
+    try:
+        for batch in batches:
+            if n >= max_batches:
+                break
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch
+            model(input_ids=ids.to(device))
+            n += 1
+    finally:
+        for m in acts:
+            m.calibrating = False
+        model.train(was_training)
+    if n == 0:
+        raise QuantError("calibrate: no batches to calibrate the activation observers on")
+    return n
+
+
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
     for m in model.modules():
         if isinstance(m, WeightQuantizer):

@@ -133,3 +133,27 @@ def test_model_cast_keeps_quant_params_fp32(observer):
         assert now.dtype == torch.float32 and torch.equal(now, val)
         if observer == "learned":
             assert now is obj
+
+
+def test_moving_average_uncalibrated_is_a_clear_error_and_calibrate_fills_it():
+    """A PTQ model with moving-average activation ranges used to evaluate to NaN: now an uncalibrated one
+    says so, and qat.calibrate fills the ranges from a few batches (eval mode, weights untouched)."""
+    import qat
+    from conftest import tiny_llama
+    from qat.formats import QuantError
+    m = tiny_llama()
+    qat.prepare(m, "int8da_int4w", act_observer="moving_average")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    from qat.prepare import needs_calibration
+    assert needs_calibration(m)
+    with pytest.raises(QuantError, match="qat.calibrate"):
+        m(input_ids=ids)
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.endswith(("min_val", "max_val"))}
+    assert qat.calibrate(m, [ids, {"input_ids": ids}], max_batches=8) == 2
+    assert not needs_calibration(m) and not m.training
+    out = m(input_ids=ids).logits
+    assert torch.isfinite(out).all()
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    acts = [a for a in m.modules() if type(a).__name__ == "ActQuantizer"]
+    assert acts and all(torch.isfinite(a.min_val) and a.min_val <= a.max_val for a in acts)

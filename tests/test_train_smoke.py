@@ -60,6 +60,17 @@ def test_ptq_recipe_has_float_and_ptq_rows_only(tmp_path):
     assert not (tmp_path / "runs" / "ptq" / "float").exists()
 
 
+def test_ptq_with_moving_average_activations_is_calibrated_not_nan(tmp_path):
+    """PTQ rows with moving-average activation ranges are calibrated on training batches (were NaN)."""
+    recipe = tiny_recipe(tmp_path, name="ptqma", quant={"scheme": "int8da_int4w", "mode": "ptq",
+                                                        "act_observer": "moving_average"}, wandb={"enabled": False})
+    out = script("train.py", str(recipe), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "ptqma" / "eval.json").read_text())
+    ppl = report["results"]["ptq"]["ppl"]
+    assert ppl == ppl and ppl < float("inf") and ppl >= report["results"]["float"]["ppl"] * 0.9
+
+
 def test_run_time_user_errors_exit_2_without_traceback(tmp_path):
     recipe = tiny_recipe(tmp_path, data={"val_documents": ["doc55"]}, wandb={"enabled": False})
     out = script("train.py", str(recipe), cwd=tmp_path)

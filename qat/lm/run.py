@@ -40,8 +40,8 @@ from torch import nn
 from ..cli import UserError
 from ..export.io import atomic_file
 from ..evaluate import EvalReport, bake_weights, perplexity, ptq_model
-from ..prepare import (check_plan, fake_quant_modules, layer_errors, nonfinite_parameters, prepare,
-                       set_fake_quant_enabled)
+from ..prepare import (calibrate, check_plan, fake_quant_modules, layer_errors, needs_calibration,
+                       nonfinite_parameters, prepare, set_fake_quant_enabled)
 from ..recipe import ExportConfig, Recipe, dump_config, load_resolved
 from .data import TextDataModule
 from .model import build_from_config, context_length, load_model, save_model_config
@@ -356,6 +356,8 @@ def compare(float_model: Optional[nn.Module], qat_model: Optional[nn.Module], re
         run("float", float_model)
         if q is not None:
             ptq = ptq_model(float_model, **q.prepare_kwargs())
+            if needs_calibration(ptq):  # moving-average activation ranges: from training batches, never eval
+                calibrate(ptq.to(device), data.train_dataloader())
             errors["ptq"] = layer_errors(ptq)
             run("ptq", ptq)
             del ptq

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import statistics
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -79,18 +78,6 @@ def median(xs: list[float]) -> float:
 GGML_TYPE_F16 = 1
 
 
-@contextmanager
-def quiet_llama_cpp():
-    """llama-quantize logs every tensor at INFO level; keep only errors while it runs."""
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def llama_ftype(scheme: str) -> int:
     """llama.cpp's ``LLAMA_FTYPE_MOSTLY_<SCHEME>`` (q4_0 -> 2, q4_k_m -> 15 ...), checked against ``qat.mixes``."""
     import llama_cpp
@@ -113,6 +100,7 @@ def llama_quantize(src: Path, dst: Path, scheme: str, threads: int) -> Path:
     params.ftype = llama_ftype(scheme)
     params.token_embedding_type = GGML_TYPE_F16
     params.output_tensor_type = GGML_TYPE_F16
+    from qat.llamacpp import quiet_llama_cpp
     with quiet_llama_cpp():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:

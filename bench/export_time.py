@@ -13,7 +13,6 @@ writing); the llama.cpp side is ``llama_model_quantize`` of the F16 file (readin
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -26,37 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qat  # noqa: E402
+from bench.common import gguf_tensor_types, llama_quantize, warn_type_mismatch  # noqa: E402
 from bench.quality import load_base, smollm2_gguf  # noqa: E402
 from qat.export.gguf import export_gguf  # noqa: E402
 
-FTYPES = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_m": 15, "q5_k_m": 17, "q3_k_m": 12}
-GGML_F16 = 1
-
-
-def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = ftype
-    params.token_embedding_type = GGML_F16
-    params.output_tensor_type = GGML_F16
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize returned {rc}")
-
-
-def tensor_type_mismatches(ours: Path, theirs: Path) -> list[str]:
-    """Tensors whose GGML type differs between the two files (or that only one of them has)."""
-    from gguf import GGUFReader
-    a = {t.name: t.tensor_type.name for t in GGUFReader(ours).tensors}
-    b = {t.name: t.tensor_type.name for t in GGUFReader(theirs).tensors}
-    return [f"{name}: qat {a.get(name, 'absent')}, llama.cpp {b.get(name, 'absent')}"
-            for name in sorted(a.keys() | b.keys()) if a.get(name) != b.get(name)]
+TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q3_k_m")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--type", default="q4_0", choices=sorted(FTYPES))
+    p.add_argument("--type", default="q4_0", choices=sorted(TYPES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
@@ -74,9 +52,10 @@ def main() -> None:
         export_gguf(model, tok, work / "ours.gguf", float_type="f16", force=True, progress=False)
         ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        llama_quantize(f16, work / "llama.gguf", FTYPES[args.type], args.threads)
+        llama_quantize(f16, work / "llama.gguf", args.type, args.threads)
         theirs.append(time.perf_counter() - t0)
-    mismatches = tensor_type_mismatches(work / "ours.gguf", work / "llama.gguf")
+    mismatches = warn_type_mismatch("qat", gguf_tensor_types(work / "ours.gguf"),
+                                    "llama.cpp", gguf_tensor_types(work / "llama.gguf"))
     res = dict(type=args.type, threads=args.threads, qat_s=statistics.median(ours), llamacpp_s=statistics.median(theirs),
                ratio=statistics.median(ours) / statistics.median(theirs),
                qat_mib=(work / "ours.gguf").stat().st_size / 2**20, llamacpp_mib=(work / "llama.gguf").stat().st_size / 2**20,

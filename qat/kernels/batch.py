@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,8 +70,16 @@ class _MultiSTE(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+@dataclass(slots=True)
 class _Slot:
-    __slots__ = ("tensor", "uses", "version", "ptr", "grad", "state")
+    """One quantizer's ``w_hat`` from a group computation, and what it was computed from."""
+
+    tensor: Tensor
+    uses: int  # modules still to take it in this forward (tied layers share a quantizer)
+    version: int  # the weight's version counter and storage at the time
+    ptr: int
+    grad: bool  # grad mode at the time
+    state: _State
 
 
 class BatchedFakeQuant:
@@ -130,9 +139,7 @@ class BatchedFakeQuant:
             qs = [q for q, _ in members]
             outs = _MultiSTE.apply(self, qs, state, *[w for _, w in members])
             for (q, w), out in zip(members, outs):
-                s = _Slot()
-                s.tensor, s.uses, s.version, s.ptr, s.grad, s.state = out, self.uses[id(q)], w._version, w.data_ptr(), grad, state
-                self.slots[id(q)] = s
+                self.slots[id(q)] = _Slot(out, self.uses[id(q)], w._version, w.data_ptr(), grad, state)
 
     # -- the launch ------------------------------------------------------------------------------------
     def _compute(self, qs: list, weights) -> tuple[list[Tensor], list[Tensor]]:

@@ -6,8 +6,13 @@ Rank 0 writes the full (gathered) state dict to OUT/rank0.pt and the effective (
 of a fresh model loaded from it to OUT/effective.pt (what export reads); every rank writes its buffers
 (observer state, frozen flags) to OUT/buffers{r}.pt.
 """
+import os
 import sys
+from datetime import timedelta
 from pathlib import Path
+
+# deterministic=True on CUDA needs cuBLAS told before its first call
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import lightning as L
 import torch
@@ -40,7 +45,9 @@ def main():
     cbs = [QATCallback(SCHEME, rules=RULES, observer="learned", start_step=1, freeze_step=3),
            ModelCheckpoint(dirpath=out / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1)]
     # Lightning's FSDP needs CUDA; on CPU the same script runs under DDP (a dry run of everything else)
-    strategy = (FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True, state_dict_type="full")
+    # a short collective timeout: an error on one rank must fail the run, not leave the other waiting 10 min
+    strategy = (FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True, state_dict_type="full",
+                             timeout=timedelta(seconds=90))
                 if accel != "cpu" else "ddp")
     trainer = L.Trainer(accelerator=accel, devices=2, strategy=strategy, max_epochs=max_epochs, callbacks=cbs,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True)

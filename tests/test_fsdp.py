@@ -17,7 +17,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
 
 def run(out: Path, epochs: int, ckpt=None):
     args = [sys.executable, str(WORKER), str(out), str(epochs), "cuda"] + ([str(ckpt)] if ckpt else [])
-    res = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        res = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired as e:  # show where it hung
+        pytest.fail(f"FSDP worker timed out\n{(e.stderr or b'')[-4000:]!r}")
     assert res.returncode == 0, res.stderr[-4000:]
     return torch.load(out / "rank0.pt", weights_only=True)
 

@@ -124,6 +124,11 @@ class WeightQuantizer(nn.Module):
         if not self.enabled:
             return w
         if not self.affine:
+            group = group_of(self)  # k-quants: all layers of a type searched at once (kernels/batch.py)
+            if group is not None and group.active(self, w):
+                out = group.take(self, w)
+                if out is not None:
+                    return out
             return fake_quantize_any(w, self.fmt)
         if self.observer == "learned":
             if self._frozen:  # frozen: the learned values are used as they are, and get no gradient
@@ -131,7 +136,7 @@ class WeightQuantizer(nn.Module):
             return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
         if self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling():
             group = group_of(self)  # all layers in one launch (kernels/batch.py); compile traces per layer
-            if group is not None and group.active(w):
+            if group is not None and group.active(self, w):
                 out = group.take(self, w)
                 if out is not None:
                     return out

@@ -110,3 +110,54 @@ def test_batched_equals_per_layer_interpreted():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout
+
+
+@pytest.mark.parametrize("scheme", ["q4_k_m", "q3_k_m", "q2_k"])
+def test_kquant_group_equals_per_layer(scheme, monkeypatch):
+    """K-quant layers searched together (one search per type and chunk, any device) give exactly the
+    per-layer results: losses, gradients, eval logits; and the search runs once per type per forward."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_llama
+
+    import qat
+    from qat.kernels import batch
+    from qat.kernels.batch import group_of
+
+    monkeypatch.setattr(batch, "KQ_CHUNK", 256 * 600)  # several chunks, split inside and across layers
+    monkeypatch.setattr(batch, "KQ_ON_CPU", True)
+
+    def run(batched: bool, dtype):
+        monkeypatch.setenv("QAT_BATCHED_FQ", "1" if batched else "0")
+        monkeypatch.setenv("QAT_DISABLE_TRITON", "1")  # CPU: only the k-quant layers may be grouped
+        torch.manual_seed(0)
+        m = tiny_llama(vocab=256, hidden=256, inter=512, layers=2)
+        qat.prepare(m, scheme)
+        m.to(dtype)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        losses, grads = [], []
+        for _ in range(2):
+            ids = torch.randint(0, 256, (2, 16), generator=g)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append([p.grad.detach().clone() for p in m.parameters() if p.grad is not None])
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            ev = m(input_ids=ids).logits
+        return m, losses, grads, ev
+
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = run(True, dtype), run(False, dtype)
+        quants = {id(mod.weight_fake_quant): mod.weight_fake_quant for mod in a[0].modules()
+                  if hasattr(mod, "weight_fake_quant")}
+        kq = [q for q in quants.values() if batch._is_kquant(q.fmt)]
+        assert kq, "the plan has k-quant layers"
+        group = group_of(kq[0])
+        per_forward = group.launches // 3  # 3 forwards, each searches every chunk once, nothing recomputed
+        assert group.launches == 3 * per_forward and 0 < per_forward < len(kq), (group.launches, len(kq))
+        assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])), "losses"
+        for ga, gb in zip(a[2], b[2]):
+            assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb)), "grads"
+        assert torch.equal(a[3], b[3]), "eval logits"

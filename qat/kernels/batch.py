@@ -17,6 +17,13 @@ ran. Used only where it is safe and pays off: CUDA tensors (or the Triton interp
 observer, not frozen, not under ``torch.compile`` (inductor launches the per-layer ``triton_op`` from
 its own code), and a single process (under DDP/FSDP every gradient would arrive at the end of backward,
 defeating communication overlap, and FSDP shards the weights). ``QAT_BATCHED_FQ=0`` turns it off.
+
+K-quants (Q2_K..Q6_K) join the same machinery without Triton, on GPUs: their two-level scale search
+is a few hundred small torch ops per call; per layer, SmolLM2's 30 k-quant layers cost ~1.5 s of host
+time per step (H200 quality runs, 500 steps: 998 s at q4_k_m against 260 s at q4_0). Every 256-element super-block is searched
+independently, so the group concatenates the weights of all layers in one k-quant type and searches them
+at once, in chunks of at most ``KQ_CHUNK`` elements (bounds the search's temporaries), bit for bit the
+per-layer result. Their backward is the plain STE (no clip mask).
 """
 from __future__ import annotations
 
@@ -41,6 +48,32 @@ def group_of(q) -> Optional["BatchedFakeQuant"]:
     return _GROUPS.get(q)
 
 _WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KQ_CHUNK = 1 << 24  # elements per k-quant search call (~30 temporaries of this size, fp32)
+# Grouping pays where the search is launch-bound (GPUs). On a CPU it is compute-bound and the larger
+# temporaries cost more than the saved calls (2-core CPU, 8 layers 512/1536 wide, q4_k_m: 1.0 s per step with per-layer
+# searches, 1.17 s grouped), so CPU weights keep the per-layer search unless this is set (the tests set it).
+KQ_ON_CPU = False
+
+
+def _is_kquant(fmt) -> bool:
+    from ..formats.kquants import KQuantFormat
+
+    return isinstance(fmt, KQuantFormat)
+
+
+def _enabled() -> bool:
+    if os.environ.get("QAT_BATCHED_FQ", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized() and d.get_world_size() > 1)
+
+
+def _fusable(q, w: Tensor) -> bool:
+    """Can the group compute this quantizer's weight? (k-quants: anywhere; the rest: the Triton kernel)"""
+    if _is_kquant(q.fmt):
+        return w.device.type != "cpu" or KQ_ON_CPU
+    return (tfq.HAS_TRITON and not os.environ.get("QAT_DISABLE_TRITON") and (w.is_cuda or tfq.INTERPRET)
+            and w.dtype in _WDT)
 
 
 class _State:
@@ -64,7 +97,8 @@ class _MultiSTE(torch.autograd.Function):
         grads = list(grads)
         # In place: these buffers are ours alone (one per output, from the layers' matmul backward), and
         # an out-of-place product would hold a second copy of every weight gradient at once.
-        torch._foreach_mul_(grads, ctx.masks)
+        if ctx.masks is not None:  # k-quants: plain STE, the gradients pass as they are
+            torch._foreach_mul_(grads, ctx.masks)
         ctx.state.backward_ran = True
         ctx.masks = None
         return (None, None, None, *grads)
@@ -95,13 +129,8 @@ class BatchedFakeQuant:
 
     # -- when to use it ------------------------------------------------------------------------------
     @staticmethod
-    def active(w: Tensor) -> bool:
-        if os.environ.get("QAT_BATCHED_FQ", "1") == "0" or not tfq.HAS_TRITON or os.environ.get("QAT_DISABLE_TRITON"):
-            return False
-        if not (w.is_cuda or tfq.INTERPRET) or torch.compiler.is_compiling():
-            return False
-        d = torch.distributed
-        return not (d.is_available() and d.is_initialized() and d.get_world_size() > 1)
+    def active(q, w: Tensor) -> bool:
+        return _enabled() and _fusable(q, w)
 
     # -- the per-layer entry point ---------------------------------------------------------------------
     def take(self, q, w: Tensor) -> Optional[Tensor]:
@@ -127,10 +156,11 @@ class BatchedFakeQuant:
         by_key: dict = {}
         for qref, mref in self.members:
             q, m = qref(), mref()
-            if q is None or m is None or not q.enabled or q._frozen:
+            if q is None or m is None or not q.enabled or (q._frozen and not _is_kquant(q.fmt)):
                 continue
             w = m.weight
-            if w.device != w_caller.device or w.dtype not in _WDT or w.shape[-1] % q.fmt.block or not w.is_contiguous():
+            if (w.device != w_caller.device or w.dtype not in _WDT or w.shape[-1] % q.fmt.block
+                    or not w.is_contiguous() or not _fusable(q, w)):
                 continue
             by_key.setdefault((q.fmt.name, w.dtype), []).append((q, w))
         grad = torch.is_grad_enabled()
@@ -142,8 +172,10 @@ class BatchedFakeQuant:
                 self.slots[id(q)] = _Slot(out, self.uses[id(q)], w._version, w.data_ptr(), grad, state)
 
     # -- the launch ------------------------------------------------------------------------------------
-    def _compute(self, qs: list, weights) -> tuple[list[Tensor], list[Tensor]]:
+    def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[list[Tensor]]]:
         fmt, w0 = qs[0].fmt, weights[0]
+        if _is_kquant(fmt):
+            return self._compute_kquant(fmt, weights), None
         key = tuple((w.data_ptr(), q.scale.data_ptr(), None if q.zero is None else q.zero.data_ptr(), w.numel())
                     for q, w in zip(qs, weights))
         tab = self._tables.get((fmt.name, w0.dtype))
@@ -166,6 +198,25 @@ class BatchedFakeQuant:
             masks.append(mask[start:start + n].view(w.shape).view(torch.bool))
             start += n
         return outs, masks
+
+    def _compute_kquant(self, fmt, weights) -> list[Tensor]:
+        """Every weight's k-quant ``w_hat``: the layers concatenated (as super-blocks) and searched in chunks."""
+        w0 = weights[0]
+        out = torch.empty(sum(w.numel() for w in weights), dtype=w0.dtype, device=w0.device)
+        chunk, start, pos = [], 0, 0
+        for i, w in enumerate(weights):
+            chunk.append(w.detach().reshape(-1))
+            pos += w.numel()
+            if pos - start >= KQ_CHUNK or i == len(weights) - 1:
+                flat = chunk[0] if len(chunk) == 1 else torch.cat(chunk)
+                out[start:pos] = fmt.fake(flat.reshape(-1, fmt.block)).reshape(-1)  # cast to w's dtype here
+                self.launches += 1
+                chunk, start = [], pos
+        outs, start = [], 0
+        for w in weights:
+            outs.append(out[start:start + w.numel()].view(w.shape))
+            start += w.numel()
+        return outs
 
     @staticmethod
     def _build_tables(qs, weights, fmt):
@@ -193,15 +244,14 @@ class BatchedFakeQuant:
 
 def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
     """Give every fusable weight quantizer of a prepared ``model`` one shared group (``prepare`` calls this)."""
-    if not tfq.HAS_TRITON:
-        return None
     from ..modules import FakeQuantEmbedding, FakeQuantLinear
 
     counts: dict[int, list] = {}
     for m in model.modules():
         if type(m) in (FakeQuantLinear, FakeQuantEmbedding):
             q = m.weight_fake_quant
-            if q.affine and q.observer == "dynamic" and tfq.kernel_kind(q.fmt) is not None:
+            if _is_kquant(q.fmt) or (tfq.HAS_TRITON and q.affine and q.observer == "dynamic"
+                                     and tfq.kernel_kind(q.fmt) is not None):
                 counts.setdefault(id(q), [q, m, 0])[2] += 1
     if not counts:
         return None

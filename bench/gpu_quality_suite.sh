@@ -3,7 +3,10 @@
 # the GPU and scores its own GGUF files with llama.cpp on its share of the cores; rows land in $RES as
 # they finish (JSON + JSONL), then bench/quality.py --merge and bench/qlora_quality.py --merge join them.
 #
-#   bash bench/gpu_quality_suite.sh SMOLLM2.gguf SHKSPR_TEXTS_DIR RESULTS_DIR [EVAL_TOKENS]
+#   [SUITE=protocol|lr] [LRS="5e-5 1e-4"] bash bench/gpu_quality_suite.sh SMOLLM2.gguf SHKSPR_TEXTS_DIR RESULTS_DIR [EVAL_TOKENS]
+#
+# SUITE=protocol (default): the issues' lr 2e-5. SUITE=lr: float and QAT trained at each of LRS (so each
+# QAT row's gap is measured against a float fine-tune that got the same lr), then the QLoRA arms.
 #
 # Runs in the background-friendly way the rented GPU needs (each process capped with `timeout`).
 set -u
@@ -19,22 +22,38 @@ MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/n
 MAXJ=${MAXJ:-$(( ${MEM:-0} > 0 ? MEM / 16500 : 13 ))}; [ "$MAXJ" -lt 1 ] && MAXJ=1
 echo "running at most $MAXJ processes at once"
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$MAXJ" ]; do wait -n; done; }
-slot; $T $Q --schemes q4_0,q4_k_m,q3_k_m --variants float --float-ckpt $G/float.pt --threads 3 --out $RES/float.json > $RES/float.log 2>&1 &
 L="$PY bench/qlora_quality.py --gguf $GGUF --texts $TEXTS --steps $STEPS --batch $BATCH --seq $SEQ --lr 2e-4 --eval-tokens $EVAL --workdir $G/qlora"
-slot; $T $L --schemes q4_0,q4_k_m --variants qlora --threads 2 --out $RES/qlora_a.json > $RES/qlora_a.log 2>&1 &
-slot; $T $Q --schemes q4_0 --variants qat:dynamic --threads 1 --out $RES/q4_0_dyn.json > $RES/q4_0_dyn.log 2>&1 &
-slot; $T $Q --schemes q4_0 --variants qat:learned --threads 1 --out $RES/q4_0_lsq.json > $RES/q4_0_lsq.log 2>&1 &
-slot; $T $Q --schemes q4_0 --variants qat:dynamic@lr=5e-5 --threads 1 --out $RES/q4_0_dyn_lr5.json > $RES/q4_0_dyn_lr5.log 2>&1 &
-slot; $T $Q --schemes q4_0 --variants qat:dynamic@lr=1e-4 --threads 1 --out $RES/q4_0_dyn_lr10.json > $RES/q4_0_dyn_lr10.log 2>&1 &
-slot; $T $Q --schemes q4_0 --variants qat:learned@lr=5e-5 --threads 1 --out $RES/q4_0_lsq_lr5.json > $RES/q4_0_lsq_lr5.log 2>&1 &
-slot; $T $Q --schemes q4_k_m --variants qat:dynamic --threads 1 --out $RES/q4_k_m_dyn.json > $RES/q4_k_m_dyn.log 2>&1 &
-slot; $T $Q --schemes q4_k_m --variants qat:dynamic@lr=5e-5 --threads 1 --out $RES/q4_k_m_dyn_lr5.json > $RES/q4_k_m_dyn_lr5.log 2>&1 &
-slot; $T $Q --schemes q3_k_m --variants qat:dynamic --threads 1 --out $RES/q3_k_m_dyn.json > $RES/q3_k_m_dyn.log 2>&1 &
-slot; $T $Q --schemes q3_k_m --variants qat:dynamic@lr=5e-5 --threads 1 --out $RES/q3_k_m_dyn_lr5.json > $RES/q3_k_m_dyn_lr5.log 2>&1 &
-slot; $T $L --schemes q4_0 --variants qat:dynamic --threads 1 --out $RES/qlora_b_q4_0.json > $RES/qlora_b_q4_0.log 2>&1 &
-slot; $T $L --schemes q4_k_m --variants qat:dynamic --threads 1 --out $RES/qlora_b_q4_k_m.json > $RES/qlora_b_q4_k_m.log 2>&1 &
+run() { local name=$1; shift; mkdir -p "$G/$name"; slot; $T "$@" --workdir "$G/$name" --out "$RES/$name.json" > "$RES/$name.log" 2>&1 & }
+case ${SUITE:-protocol} in
+protocol)  # the issues' protocol: lr 2e-5 for float and QAT, QLoRA lr 2e-4
+  run float $Q --schemes q4_0,q4_k_m,q3_k_m --variants float --float-ckpt $G/float.pt --threads 3
+  run qlora_a $L --schemes q4_0,q4_k_m --variants qlora --threads 2
+  run q4_0_dyn $Q --schemes q4_0 --variants qat:dynamic --threads 1
+  run q4_0_lsq $Q --schemes q4_0 --variants qat:learned --threads 1
+  run q4_k_m_dyn $Q --schemes q4_k_m --variants qat:dynamic --threads 1
+  run q3_k_m_dyn $Q --schemes q3_k_m --variants qat:dynamic --threads 1
+  run qlora_b_q4_0 $L --schemes q4_0 --variants qat:dynamic --threads 1
+  run qlora_b_q4_k_m $L --schemes q4_k_m --variants qat:dynamic --threads 1
+  ;;
+lr)  # one lr for float and QAT alike (a fair gap at each lr), then QLoRA
+  for LR in ${LRS:-5e-5 1e-4}; do
+    run lr${LR}_float $Q --lr $LR --schemes q4_0,q4_k_m,q3_k_m --variants float --threads 3
+    run lr${LR}_q4_k_m $Q --lr $LR --schemes q4_k_m --variants qat:dynamic --threads 1
+    run lr${LR}_q3_k_m $Q --lr $LR --schemes q3_k_m --variants qat:dynamic --threads 1
+    run lr${LR}_q4_0 $Q --lr $LR --schemes q4_0 --variants qat:dynamic --threads 1
+  done
+  run qlora_b_q4_0 $L --schemes q4_0 --variants qat:dynamic --threads 1
+  run qlora_b_q4_k_m $L --schemes q4_k_m --variants qat:dynamic --threads 1
+  run qlora_a $L --schemes q4_0,q4_k_m --variants qlora --threads 2
+  ;;
+*) echo "unknown SUITE=$SUITE (protocol | lr)"; exit 2 ;;
+esac
 wait
-$PY bench/quality.py --merge $RES/float.json $RES/q4_0_*.json $RES/q4_k_m_*.json $RES/q3_k_m_*.json \
-    --out $RES/quality_all.json > $RES/quality_table.txt 2>&1
+for LR in ${LRS:-5e-5 1e-4}; do
+  ls $RES/lr${LR}_*.json > /dev/null 2>&1 && $PY bench/quality.py --merge $RES/lr${LR}_*.json \
+      --out $RES/quality_lr$LR.json > $RES/quality_table_lr$LR.txt 2>&1
+done
+ls $RES/float.json > /dev/null 2>&1 && $PY bench/quality.py --merge $RES/float.json $RES/q4_0_*.json \
+    $RES/q4_k_m_*.json $RES/q3_k_m_*.json --out $RES/quality_all.json > $RES/quality_table.txt 2>&1
 $PY bench/qlora_quality.py --merge $RES/qlora_*.json --out $RES/qlora_all.json > $RES/qlora_table.txt 2>&1
 echo done > $RES/DONE

@@ -180,6 +180,7 @@ class ActQuantizer(nn.Module):
         self.observer, self.momentum = observer, momentum
         self.enabled = True
         self.calibrating = False  # set by qat.calibrate: update the statistics in eval mode too
+        self._frozen = False  # python mirror of the `frozen` buffer: no device sync per forward
         self.register_buffer("frozen", torch.tensor(False))
         self.observed = False  # python mirror of "min_val is finite": no device sync per forward to check it
         if observer == "moving_average":
@@ -188,7 +189,14 @@ class ActQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
         self.observed = self.observer == "moving_average" and not bool(torch.isinf(self.min_val))
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) updating the moving-average statistics."""
+        if frozen != self._frozen:
+            self._frozen = frozen
+            self.frozen.fill_(frozen)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
@@ -198,7 +206,7 @@ class ActQuantizer(nn.Module):
         if self.observer == "dynamic":
             scale, zero = self.fmt.choose_params(blocks.detach())
         else:
-            if (self.training or self.calibrating) and not bool(self.frozen):
+            if (self.training or self.calibrating) and not self._frozen:
                 with torch.no_grad():
                     lo, hi = blocks.min(), blocks.max()
                     first = torch.isinf(self.min_val)

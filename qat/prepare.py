@@ -149,10 +149,8 @@ def calibrate(model: nn.Module, batches, max_batches: int = 8) -> int:
 
 def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
     for m in model.modules():
-        if isinstance(m, WeightQuantizer):
+        if isinstance(m, (WeightQuantizer, ActQuantizer)):
             m.freeze(frozen)
-        elif isinstance(m, ActQuantizer):
-            m.frozen.fill_(frozen)
 
 
 @contextmanager

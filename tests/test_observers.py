@@ -157,3 +157,21 @@ def test_moving_average_uncalibrated_is_a_clear_error_and_calibrate_fills_it():
     assert all(torch.equal(before[k], after[k]) for k in before)
     acts = [a for a in m.modules() if type(a).__name__ == "ActQuantizer"]
     assert acts and all(torch.isfinite(a.min_val) and a.min_val <= a.max_val for a in acts)
+
+
+def test_act_quantizer_freeze_stops_statistics_and_survives_state_dict():
+    from qat.observers import ActQuantizer
+
+    aq = ActQuantizer("int8_asym_tensor", observer="moving_average").train()
+    aq(torch.randn(4, 32))
+    aq.freeze()
+    lo, hi = aq.min_val.clone(), aq.max_val.clone()
+    aq(10 * torch.randn(4, 32))  # training mode, but frozen: the statistics stay
+    assert torch.equal(aq.min_val, lo) and torch.equal(aq.max_val, hi) and bool(aq.frozen)
+    fresh = ActQuantizer("int8_asym_tensor", observer="moving_average").train()
+    fresh.load_state_dict(aq.state_dict())
+    fresh(10 * torch.randn(4, 32))
+    assert torch.equal(fresh.min_val, lo), "a frozen observer loaded from a checkpoint stays frozen"
+    fresh.freeze(False)
+    fresh(10 * torch.randn(4, 32))
+    assert not torch.equal(fresh.min_val, lo)

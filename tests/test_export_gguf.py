@@ -120,9 +120,12 @@ def test_llama_cpp_dequantization_is_bitwise(exported, type_name):
 
 @pytest.mark.llama
 @pytest.mark.skipif(not has_llama_cpp, reason="needs llama-cpp-python")
+@pytest.mark.parametrize("ggml_encoder", ["0", "1"])
 @pytest.mark.parametrize("scheme", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_k_m"])
-def test_kquants_and_mixes_are_bitwise(tok, tmp_path, scheme):
-    """The writer is generic over formats with ``ggml_type``/``to_bytes``: k-quants and mixes drop in."""
+def test_kquants_and_mixes_are_bitwise(tok, tmp_path, scheme, ggml_encoder, monkeypatch):
+    """The writer is generic over formats with ``ggml_type``/``to_bytes``: k-quants and mixes drop in.
+    Both encoders: ours (``QAT_GGML_QUANTIZE=0``) and llama.cpp's (export/ggml_quant.py)."""
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", ggml_encoder)
     from qat.llamacpp import dequantize_gguf, gguf_logits, torch_logits
     from qat.mixes import MIXES
     try:

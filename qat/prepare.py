@@ -165,8 +165,7 @@ def _intra_op_threads(n: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QTensor], Any]] = None,
-            prepack: Optional[Callable[[str, nn.Module], Any]] = None) -> dict[str, Any]:
+def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QTensor], Any]] = None) -> dict[str, Any]:
     """Module name -> the integer codes and parameters of its weight, exactly as its forward uses them.
 
     ``get_format(q.format).dequantize(q)`` equals the layer's effective weight bitwise. The model is
@@ -177,8 +176,6 @@ def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QT
              in a barrier that a core busy with another process stalls.
     pack:    ``pack(name, qtensor)`` run right after quantizing, in the same thread, while the layer is
              in cache (export packs file bytes this way); the dict then holds what it returns.
-    prepack: ``prepack(name, module)`` tried first; where it returns something other than None, that is the
-             layer's result and it is not quantized here (GGUF export takes k-quant bytes from llama.cpp).
     """
     jobs: dict[tuple[int, int], tuple[str, nn.Module]] = {}
     names = []
@@ -190,8 +187,6 @@ def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QT
 
     def run(name: str, m: nn.Module) -> Any:
         with torch.no_grad():  # grad mode is per thread
-            if prepack is not None and (done := prepack(name, m)) is not None:
-                return done
             q = m.quantize()
             return q if pack is None else pack(name, q)
 

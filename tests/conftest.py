@@ -18,6 +18,13 @@ def tiny_llama(vocab=256, hidden=64, inter=128, layers=2, heads=4, kv_heads=2, t
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def _our_kquant_encoder(monkeypatch):
+    """K-quants are encoded by qat's own implementation in every test (that is what the numerics tests
+    judge against llama.cpp); tests of llama.cpp's encoder path (test_llama_encoder.py) switch it on."""
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", "0")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors and matmuls: one thread is faster, and much faster on a shared, busy CPU."""

@@ -36,9 +36,7 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, get_format
-from ..modules import FakeQuantEmbedding, FakeQuantLinear
 from ..prepare import convert, fake_quant_modules
-from .ggml_quant import encode_kquant
 from .io import ExportError, atomic_file, check_output
 
 __all__ = ["export_gguf", "GGUF_ARCHS", "FLOAT_TYPES", "gguf_file_name"]
@@ -154,15 +152,6 @@ def _quant_bytes(q: QTensor, where: str) -> tuple[np.ndarray, int]:
     return fmt.to_bytes(q), int(fmt.ggml_type)
 
 
-def _kquant_bytes(name: str, m: nn.Module) -> Optional[tuple[np.ndarray, int]]:
-    """A k-quant layer's bytes from llama.cpp's encoder where installed (``ggml_quant.py`` says why)."""
-    if type(m) not in (FakeQuantLinear, FakeQuantEmbedding):
-        return None
-    fmt = m.weight_fake_quant.fmt
-    data = encode_kquant(fmt, m.weight)
-    return None if data is None else (data, int(fmt.ggml_type))
-
-
 def _check_gguf_compatible(model: nn.Module) -> None:
     problems = []
     for name, m in fake_quant_modules(model):
@@ -186,8 +175,7 @@ def _collect_tensors(model: nn.Module, arch: _Arch, hp: dict, float_type: str, p
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
     # every layer quantized and packed in one go, layers in parallel (see convert)
-    packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name),
-                     prepack=_kquant_bytes)
+    packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name))
 
     # every (module-level) parameter, including a tied head's duplicate name
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "_fake_quant." not in n]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import llama_encoder
 from .base import Format, QTensor, QuantError, check_finite
 
 __all__ = ["KQuantFormat", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "KQUANT_FORMATS", "nearest_int"]
@@ -415,6 +416,10 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # formats
 # ------------------------------------------------------------------------------------------------
+FIRST_CHECK_ROWS = 64
+_LLAMA = {"off": False, "calls": {}}  # llama.cpp's encoder: turned off after a mismatch; calls per format
+
+
 class KQuantFormat(Format):
     """A GGUF k-quant. Subclasses set the class constants and ``_encode`` / the byte layout."""
 
@@ -433,7 +438,43 @@ class KQuantFormat(Format):
         return self._quantize(w)
 
     def _quantize(self, w: Tensor) -> QTensor:
-        """The reference rule without the finite check (the fake quantizer calls this directly)."""
+        """The reference rule without the finite check (the fake quantizer calls this directly): by
+        llama.cpp's own encoder where llama-cpp-python is installed (``llama_encoder.py`` says why), else
+        by ours."""
+        if llama_encoder.enabled() and not _LLAMA["off"]:
+            q = self._quantize_llama(w)
+            if q is not None:
+                return q
+        return self._quantize_torch(w)
+
+    def _quantize_llama(self, w: Tensor) -> Optional[QTensor]:
+        """llama.cpp's blocks, checked against ours on a format's first use in the process (``FIRST_CHECK_ROWS``
+        rows spread over the tensor; the test suite checks the edge cases against the installed llama.cpp).
+        A difference (a llama.cpp whose rules changed) turns llama.cpp's encoder off for the process, with
+        a warning: what trains and exports must stay our reference rule's bits. (A check on every call cost
+        more than the C encoding itself: our search on even one row is hundreds of small ops.)"""
+        import warnings
+
+        x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
+        data = llama_encoder.quantize_rows(int(self.ggml_type), self.type_size, x.numpy(), torch.get_num_threads())
+        rows = x.shape[0]
+        calls = _LLAMA["calls"].get(self.name, 0)
+        _LLAMA["calls"][self.name] = calls + 1
+        check = np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
+        if calls == 0 and not np.array_equal(
+                self.to_bytes(self._quantize_torch(x[torch.from_numpy(check)])).reshape(len(check), -1), data[check]):
+            _LLAMA["off"] = True
+            warnings.warn(f"llama.cpp's {self.name} encoder disagrees with qat's on this tensor (a llama.cpp with "
+                          "other rules?): qat's encoder is used from now on", RuntimeWarning, stacklevel=3)
+            return None
+        q = self.from_bytes(data, tuple(w.shape))
+        if w.device.type != "cpu":
+            q = QTensor(q.format, q.shape, q.codes.to(w.device), q.scale.to(w.device),
+                        None if q.zero is None else q.zero.to(w.device), {k: v.to(w.device) for k, v in q.extra.items()})
+        return q
+
+    def _quantize_torch(self, w: Tensor) -> QTensor:
+        """Our vectorized implementation of the reference rule (any device)."""
         shape = tuple(w.shape)
         x = w.detach().float().reshape(-1, QK_K)
         n_sb, n_sub = x.shape[0], QK_K // self.sub
@@ -466,7 +507,7 @@ class KQuantFormat(Format):
         return out.reshape(q.shape)
 
     def fake(self, w: Tensor) -> Tensor:
-        return self.dequantize(self._quantize(w))
+        return self.dequantize(self._quantize(w)).to(w.device)
 
     # -- bytes -------------------------------------------------------------------------------------
     def to_bytes(self, q: QTensor) -> np.ndarray:

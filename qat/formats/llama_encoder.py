@@ -1,0 +1,91 @@
+"""llama.cpp's own k-quant encoder (``ggml_quantize_chunk`` in llama-cpp-python's ``libggml-base``).
+
+Why: a k-quant's codes are always llama.cpp's reference rule applied to the weight (no stored or learned
+parameters), and ``kquants.py`` reproduces that rule bit for bit in vectorized torch. But the rule's
+two-level scale search is sequential per 16/32-element sub-block: in eager torch that is ~14 passes over
+the tensor for each of ~20 candidate scales, thousands of small ops per call. Measured: GGUF export of
+SmolLM2 at Q4_K_M/Q3_K_M took 1.32-1.44x llama.cpp's time with ours alone (issue 7's goal is <= 1.0x),
+and a Q4_K_M QAT step on an H200 took 8.7x a bf16 step. llama.cpp runs the same search in registers.
+So where llama-cpp-python is installed, ``KQuantFormat`` encodes with it, and checks it (see there).
+``QAT_GGML_QUANTIZE=0`` turns it off. No imatrix is passed: that is the reference rule.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["library", "enabled", "quantize_rows"]
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+ROWS_PER_TASK = 64  # fewest rows per call when one tensor is split over threads
+
+
+def _find() -> Optional[Path]:
+    spec = importlib.util.find_spec("llama_cpp")  # located, not imported (importing loads libllama too)
+    if spec is None or spec.origin is None:
+        return None
+    lib_dir = Path(spec.origin).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        if (lib_dir / name).exists():
+            return lib_dir / name
+    return None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """``libggml-base`` with ``ggml_quantize_chunk`` typed, or None where llama-cpp-python is missing."""
+    global _lib, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            path = _find()
+            if path is not None:
+                try:
+                    lib = ctypes.CDLL(str(path))
+                    # size_t ggml_quantize_chunk(enum ggml_type type, const float * src, void * dst,
+                    #     int64_t start, int64_t nrows, int64_t n_per_row, const float * imatrix)
+                    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                        ctypes.c_void_p]
+                    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+                    _lib = lib
+                except (OSError, AttributeError):
+                    _lib = None
+    return _lib
+
+
+def enabled() -> bool:
+    return os.environ.get("QAT_GGML_QUANTIZE", "1") != "0" and library() is not None
+
+
+def quantize_rows(ggml_type: int, type_size: int, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Blocks of fp32 ``x`` (rows, n_per_row), as llama.cpp writes them: uint8 ``(rows, n/256*type_size)``.
+
+    ``threads`` > 1 splits the rows over a pool (ctypes drops the GIL for each call)."""
+    lib = library()
+    assert lib is not None
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
+    out = np.empty((rows, n // 256 * type_size), dtype=np.uint8)
+
+    def run(r0: int, r1: int) -> int:  # start is an element index; dst stays the base pointer
+        return lib.ggml_quantize_chunk(ggml_type, x.ctypes.data, out.ctypes.data, r0 * n, r1 - r0, n, None)
+
+    if threads > 1 and rows > ROWS_PER_TASK:
+        step = max(ROWS_PER_TASK, -(-rows // (4 * threads)))
+        spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+        with ThreadPoolExecutor(min(threads, len(spans))) as pool:
+            size = sum(pool.map(lambda s: run(*s), spans))
+    else:
+        size = run(0, rows)
+    if size != out.size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes, expected {out.size}")
+    return out

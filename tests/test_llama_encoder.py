@@ -1,0 +1,122 @@
+"""K-quants encoded by llama.cpp's own C encoder (qat/formats/llama_encoder.py, used by KQuantFormat where
+llama-cpp-python is installed): the same QTensor as ours, field by field and byte by byte; training and
+export give the same bits with either encoder; a disagreeing llama.cpp is caught by the sample check and
+ours takes over."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import qat
+from qat.formats import get_format, kquants
+from tiny_lm import bpe_tokenizer, tiny_llama
+
+pytestmark = [pytest.mark.llama,
+              pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")]
+
+KQ = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+
+
+@pytest.fixture(autouse=True)
+def _llama_on(monkeypatch):
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", "1")
+    monkeypatch.setitem(kquants._LLAMA, "off", False)
+    monkeypatch.setitem(kquants._LLAMA, "calls", {})
+
+
+def _weights(rows=24, cols=768, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[1] = 0.0  # all-zero super-blocks
+    w[2, :256] = 0.3  # a constant one
+    w[3, 5] = 4.0  # an outlier
+    w[4] = torch.rand(cols, generator=g)  # all positive (the min-0 branch of Q2_K/Q4_K/Q5_K)
+    return w
+
+
+def _same(a, b):
+    assert a.shape == b.shape and torch.equal(a.codes, b.codes)
+    assert torch.equal(a.scale.view(torch.int16), b.scale.view(torch.int16))
+    assert (a.zero is None) == (b.zero is None)
+    if a.zero is not None:
+        assert torch.equal(a.zero.view(torch.int16), b.zero.view(torch.int16))
+    assert a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra)
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_llama_cpp_encoder_equals_ours(name):
+    fmt = get_format(name)
+    for seed in range(3):
+        w = _weights(seed=seed)
+        fast = fmt._quantize_llama(w)
+        assert fast is not None
+        _same(fast, fmt._quantize_torch(w))
+        assert torch.equal(fmt.fake(w), fmt.dequantize(fmt._quantize_torch(w)))
+    w3 = _weights(rows=12).reshape(3, 4, 768)  # leading dims kept
+    _same(fmt._quantize_llama(w3), fmt._quantize_torch(w3))
+    assert not kquants._LLAMA["off"]
+
+
+def test_training_and_export_equal_with_either_encoder(monkeypatch, tmp_path):
+    """q4_k_m QAT on a 256-wide model: losses, gradients and the exported file are the same bits."""
+    from qat.export import export_gguf
+
+    tok = bpe_tokenizer()
+
+    def run(flag):
+        monkeypatch.setenv("QAT_GGML_QUANTIZE", flag)
+        m = tiny_llama(len(tok), hidden=256, heads=4, kv_heads=2)
+        qat.prepare(m, "q4_k_m")
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(2):
+            ids = torch.randint(0, len(tok), (2, 16), generator=g)
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+            opt.step()
+            opt.zero_grad()
+        path = export_gguf(m, tok, tmp_path / f"m{flag}.gguf", file_type="q4_k_m", progress=False)
+        return out, path.read_bytes()
+
+    (a, fa), (b, fb) = run("1"), run("0")
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    assert fa == fb
+    assert kquants._LLAMA["calls"], "llama.cpp's encoder was used"
+
+
+def test_a_disagreeing_llama_cpp_hands_over_to_ours(monkeypatch):
+    from qat.formats import llama_encoder
+
+    real = llama_encoder.quantize_rows
+
+    def off_by_one(ggml_type, type_size, x, threads=1):  # a llama.cpp whose rule differs somewhere
+        out = real(ggml_type, type_size, x, threads)
+        out[:, 7] ^= 1
+        return out
+
+    monkeypatch.setattr(llama_encoder, "quantize_rows", off_by_one)
+    fmt = get_format("q4_k")
+    w = _weights()
+    with pytest.warns(RuntimeWarning, match="disagrees with qat's"):
+        q = fmt._quantize(w)
+    _same(q, fmt._quantize_torch(w))  # the result is ours
+    assert kquants._LLAMA["off"]
+    calls = dict(kquants._LLAMA["calls"])
+    _same(fmt._quantize(w), fmt._quantize_torch(w))
+    assert kquants._LLAMA["calls"] == calls  # llama.cpp's encoder is not called again
+
+
+def test_off_switch_and_bad_input(monkeypatch):
+    fmt = get_format("q4_k")
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", "0")
+    fmt._quantize(_weights())
+    assert kquants._LLAMA["calls"] == {}
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", "1")
+    w = _weights()
+    w[0, 0] = float("nan")
+    with pytest.raises(qat.QuantError, match="finite|NaN"):
+        fmt.quantize(w)

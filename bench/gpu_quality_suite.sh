@@ -36,11 +36,15 @@ protocol)  # the issues' protocol: lr 2e-5 for float and QAT, QLoRA lr 2e-4
   run qlora_b_q4_k_m $L --schemes q4_k_m --variants qat:dynamic --threads 1
   ;;
 lr)  # one lr for float and QAT alike (a fair gap at each lr), then QLoRA
+  # k-quant runs first (the longest) and with 3 threads: their codes come from llama.cpp's C encoder on
+  # the host every step (formats/llama_encoder.py), and llama.cpp's evaluation with 1 thread took ~200 s
+  for LR in ${LRS:-5e-5 1e-4}; do
+    run lr${LR}_q4_k_m $Q --lr $LR --schemes q4_k_m --variants qat:dynamic --threads 3
+    run lr${LR}_q3_k_m $Q --lr $LR --schemes q3_k_m --variants qat:dynamic --threads 3
+  done
   for LR in ${LRS:-5e-5 1e-4}; do
     run lr${LR}_float $Q --lr $LR --schemes q4_0,q4_k_m,q3_k_m --variants float --threads 3
-    run lr${LR}_q4_k_m $Q --lr $LR --schemes q4_k_m --variants qat:dynamic --threads 1
-    run lr${LR}_q3_k_m $Q --lr $LR --schemes q3_k_m --variants qat:dynamic --threads 1
-    run lr${LR}_q4_0 $Q --lr $LR --schemes q4_0 --variants qat:dynamic --threads 1
+    run lr${LR}_q4_0 $Q --lr $LR --schemes q4_0 --variants qat:dynamic --threads 2
   done
   run qlora_b_q4_0 $L --schemes q4_0 --variants qat:dynamic --threads 1
   run qlora_b_q4_k_m $L --schemes q4_k_m --variants qat:dynamic --threads 1

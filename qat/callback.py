@@ -9,16 +9,28 @@ scales exist before the optimizer is built, and FSDP wraps the swapped layers. N
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 from .observers import WeightQuantizer
 from .prepare import freeze_observers, layer_errors, prepare, set_fake_quant_enabled
 
 __all__ = ["QATCallback"]
+
+
+def _full_weights(trainer: L.Trainer):
+    """Under Lightning's FSDP strategy, the full (unsharded) parameters on rank 0 for the duration;
+    otherwise nothing to do."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True)
+    return contextlib.nullcontext()
 
 
 class QATCallback(L.Callback):
@@ -95,8 +107,15 @@ class QATCallback(L.Callback):
             self.log_layer_errors(trainer, pl_module)
 
     # -- logging ------------------------------------------------------------------------------------
-    @rank_zero_only
     def log_layer_errors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every rank calls this: under FSDP the weights are shards outside forward, and gathering them for
+        rank 0 is a collective (rank 0 alone computing on its shards failed, and left the other rank
+        waiting in the next collective: the hang of the first 2-GPU run)."""
+        with _full_weights(trainer):
+            if trainer.is_global_zero:
+                self._log_layer_errors(trainer, pl_module)
+
+    def _log_layer_errors(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last_errors = layer_errors(pl_module)
         if not trainer.loggers or not self.last_errors:
             return

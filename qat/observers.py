@@ -53,7 +53,26 @@ def mse_params(fmt: AffineFormat, blocks: Tensor, grid: list[float] = MSE_GRID) 
     return best_scale, best_zero
 
 
-class WeightQuantizer(nn.Module):
+class _Freezable(nn.Module):
+    """A ``frozen`` buffer (saved in checkpoints) with a Python mirror, so no forward syncs the device
+    to read it."""
+
+    def _init_frozen(self) -> None:
+        self._frozen = False
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or resume) updating the parameters/statistics; the stored ones are then used as they are."""
+        if frozen != self._frozen:
+            self._frozen = frozen
+            self.frozen.fill_(frozen)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._frozen = bool(self.frozen)
+
+
+class WeightQuantizer(_Freezable):
     """Fake-quantizes one weight tensor in one format. Holds no reference to the weight itself."""
 
     def __init__(self, fmt: Format | str, weight: Tensor, observer: str = "dynamic"):
@@ -68,8 +87,7 @@ class WeightQuantizer(nn.Module):
             )
         self.observer = observer
         self.enabled = True  # set every step by QATCallback from start_step; not state
-        self._frozen = False  # python mirror of the `frozen` buffer: no device sync per step
-        self.register_buffer("frozen", torch.tensor(False))
+        self._init_frozen()
         if self.affine:
             with torch.no_grad():
                 blocks = to_blocks(weight.detach(), self.fmt.block)
@@ -98,16 +116,6 @@ class WeightQuantizer(nn.Module):
                 else:
                     setattr(self, k, fixed)
         return self
-
-    def freeze(self, frozen: bool = True) -> None:
-        """Stop (or resume) updating the parameters; the stored ones are then used as they are."""
-        if frozen != self._frozen:
-            self._frozen = frozen
-            self.frozen.fill_(frozen)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = bool(self.frozen)
 
     @torch.no_grad()
     def observe(self, w: Tensor) -> None:
@@ -167,7 +175,7 @@ class WeightQuantizer(nn.Module):
         return f"format={self.fmt.name}, observer={self.observer}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_Freezable):
     """Fake-quantizes activations (e.g. int8 per token, asymmetric, for int8da_int4w)."""
 
     def __init__(self, fmt: Format | str, observer: str = "dynamic", momentum: float = 0.01):
@@ -180,8 +188,7 @@ class ActQuantizer(nn.Module):
         self.observer, self.momentum = observer, momentum
         self.enabled = True
         self.calibrating = False  # set by qat.calibrate: update the statistics in eval mode too
-        self._frozen = False  # python mirror of the `frozen` buffer: no device sync per forward
-        self.register_buffer("frozen", torch.tensor(False))
+        self._init_frozen()
         self.observed = False  # python mirror of "min_val is finite": no device sync per forward to check it
         if observer == "moving_average":
             self.register_buffer("min_val", torch.tensor(float("inf")))
@@ -189,14 +196,7 @@ class ActQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = bool(self.frozen)
         self.observed = self.observer == "moving_average" and not bool(torch.isinf(self.min_val))
-
-    def freeze(self, frozen: bool = True) -> None:
-        """Stop (or resume) updating the moving-average statistics."""
-        if frozen != self._frozen:
-            self._frozen = frozen
-            self.frozen.fill_(frozen)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:

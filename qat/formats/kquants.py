@@ -457,12 +457,9 @@ class KQuantFormat(Format):
 
         x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
         data = llama_encoder.quantize_rows(int(self.ggml_type), self.type_size, x.numpy(), torch.get_num_threads())
-        rows = x.shape[0]
         calls = _LLAMA["calls"].get(self.name, 0)
         _LLAMA["calls"][self.name] = calls + 1
-        check = np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
-        if calls == 0 and not np.array_equal(
-                self.to_bytes(self._quantize_torch(x[torch.from_numpy(check)])).reshape(len(check), -1), data[check]):
+        if calls == 0 and not self._agrees_with_ours(x, data):
             _LLAMA["off"] = True
             warnings.warn(f"llama.cpp's {self.name} encoder disagrees with qat's on this tensor (a llama.cpp with "
                           "other rules?): qat's encoder is used from now on", RuntimeWarning, stacklevel=3)
@@ -472,6 +469,13 @@ class KQuantFormat(Format):
             q = QTensor(q.format, q.shape, q.codes.to(w.device), q.scale.to(w.device),
                         None if q.zero is None else q.zero.to(w.device), {k: v.to(w.device) for k, v in q.extra.items()})
         return q
+
+    def _agrees_with_ours(self, x: Tensor, data: np.ndarray) -> bool:
+        """Do ``FIRST_CHECK_ROWS`` rows of ``data`` (llama.cpp's blocks of ``x``), spread over it, equal ours?"""
+        rows = x.shape[0]
+        check = np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
+        ours = self.to_bytes(self._quantize_torch(x[torch.from_numpy(check)]))
+        return np.array_equal(ours.reshape(len(check), -1), data[check])
 
     def _quantize_torch(self, w: Tensor) -> QTensor:
         """Our vectorized implementation of the reference rule (any device)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RowLog, llama_quantize, read_rows  # noqa: E402
-from bench.quality import (KEEP_FLOAT, Bench, Variant, common_parser, device_name, empty_cache,  # noqa: E402
-                           error_row, load_base, load_data, parse_variants, pick_device, smollm2_gguf, train,
-                           write_results)
+from bench.common import llama_quantize, read_rows  # noqa: E402
+from bench.quality import (KEEP_FLOAT, Bench, Variant, announce, common_parser, device_name,  # noqa: E402
+                           empty_cache, error_row, load_base, load_data, open_bench, run_arms, smollm2_gguf,
+                           start_run, train, write_results)
 
 REF = "ref:nf4+lora"
 
@@ -180,46 +179,26 @@ def main() -> None:
     if args.merge:
         rows, metas = read_rows(args.merge)
         return finish(rows, dict(merged_from=[str(x) for x in args.merge], metas=metas), args.out)
-    schemes = [s.strip().lower() for s in args.schemes.split(",") if s.strip()]
-    variants = parse_variants(args.variants, args.lr, args.start_step, plain=("qlora",))
-    device = pick_device(args.device)
-    torch.set_num_threads(args.threads)
-    t_start = time.time()
-    print(f"qlora_quality: schemes {schemes}, variants {[v.label for v in variants]}, device {device}, "
-          f"threads {args.threads}", flush=True)
+    run = start_run(args, plain=("qlora",))
+    announce(run, "qlora_quality", args.threads)
+    schemes, variants, device = run.schemes, run.variants, run.device
 
     import bitsandbytes
     import peft
     base, tok = load_base(args.gguf or smollm2_gguf())
     blocks, val_ids = load_data(tok, args)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="qat-qlora-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = RowLog(args.out)
-    print(f"GGUF files in {work}; rows appended to {log.path}", flush=True)
-    bench = Bench(args, tok, val_ids, work, log, device)
-
-    if any(v.kind == "qlora" for v in variants):
-        try:
-            run_qlora(bench, base, blocks, schemes)
-        except Exception as e:
-            error_row(log, "qlora", None, e)
-        empty_cache(device)
-    for scheme in schemes:
-        for v in (v for v in variants if v.kind == "qat"):
-            try:
-                run_qat(bench, base, blocks, v, scheme)
-            except Exception as e:
-                error_row(log, f"b:{v.label}", scheme, e)
-            empty_cache(device)
-    bench.evaluator.wait()
+    bench = open_bench(args, tok, val_ids, device, "qat-qlora-quality-")
+    first = (("qlora", lambda: run_qlora(bench, base, blocks, schemes))
+             if any(v.kind == "qlora" for v in variants) else None)
+    run_arms(bench, run, first, lambda v, scheme: run_qat(bench, base, blocks, v, scheme), lambda v: f"b:{v.label}")
 
     meta = dict(schemes=schemes, variants=[v.label for v in variants], steps=args.steps, batch=args.batch,
                 seq=args.seq, lr=args.lr, r=args.r, alpha=args.alpha, dropout=args.dropout, seed=args.seed,
                 start_step=args.start_step, eval_tokens=len(val_ids), threads=args.threads, command=" ".join(sys.argv),
-                wall_s=round(time.time() - t_start, 1), torch=torch.__version__,
+                wall_s=round(time.time() - run.t_start, 1), torch=torch.__version__,
                 bitsandbytes=bitsandbytes.__version__, peft=peft.__version__,
                 device=device_name(device))
-    finish(log.rows, meta, args.out)
+    finish(bench.log.rows, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -362,6 +362,58 @@ def error_row(log: RowLog, model: str, scheme: Optional[str], e: BaseException) 
     log.add(dict(model=model, scheme=scheme, error=repr(e)[:300]))
 
 
+# -- what quality.py and qlora_quality.py share around their arms --------------------------------------------
+@dataclass
+class Run:
+    schemes: list[str]
+    variants: list[Variant]
+    device: str
+    t_start: float
+
+
+def start_run(args, plain: tuple[str, ...] = ("float", "ptq")) -> Run:
+    """Schemes, variants and device from ``args``; the thread count set and the clock started."""
+    schemes = [s.strip().lower() for s in args.schemes.split(",") if s.strip()]
+    variants = parse_variants(args.variants, args.lr, args.start_step, plain=plain)
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    return Run(schemes, variants, device, time.time())
+
+
+def announce(run: Run, name: str, threads: int) -> None:
+    print(f"{name}: schemes {run.schemes}, variants {[v.label for v in run.variants]}, device {run.device}, "
+          f"threads {threads}", flush=True)
+
+
+def open_bench(args, tok, val_ids: list[int], device: str, prefix: str) -> Bench:
+    """The working folder for GGUF files, the row log beside ``--out``, and the Bench that scores files."""
+    work = args.workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    log = RowLog(args.out)
+    print(f"GGUF files in {work}; rows appended to {log.path}", flush=True)
+    return Bench(args, tok, val_ids, work, log, device)
+
+
+def run_arms(bench: Bench, run: Run, first: Optional[tuple[str, Callable[[], None]]],
+             run_qat: Callable[[Variant, str], None], qat_label: Callable[[Variant], str]) -> None:
+    """``first`` (label, arm) where given, then every QAT variant per scheme; a failing arm leaves an error
+    row and the others go on; waits for the background evaluations."""
+    if first is not None:
+        try:
+            first[1]()
+        except Exception as e:
+            error_row(bench.log, first[0], None, e)
+        empty_cache(run.device)
+    for scheme in run.schemes:
+        for v in (v for v in run.variants if v.kind == "qat"):
+            try:
+                run_qat(v, scheme)
+            except Exception as e:
+                error_row(bench.log, qat_label(v), scheme, e)
+            empty_cache(run.device)
+    bench.evaluator.wait()
+
+
 # -- the float fine-tune and PTQ ----------------------------------------------------------------------------
 
 def float_model(base, blocks, args, device: str) -> tuple[torch.nn.Module, Optional[float]]:
@@ -554,47 +606,27 @@ def main() -> None:
         return merge(args.merge, args.out)
     if args.only_float and args.float_ckpt is None:
         raise SystemExit("--only-float needs --float-ckpt PATH")
-    schemes = [s.strip().lower() for s in args.schemes.split(",") if s.strip()]
-    variants = parse_variants(args.variants, args.lr, args.start_step)
-    device = pick_device(args.device)
-    torch.set_num_threads(args.threads)
+    run = start_run(args)
     torch.manual_seed(args.seed)
-    t_start = time.time()
-    print(f"quality: schemes {schemes}, variants {[v.label for v in variants]}, device {device}, "
-          f"threads {args.threads}", flush=True)
+    announce(run, "quality", args.threads)
+    schemes, variants, device = run.schemes, run.variants, run.device
 
     base, tok = load_base(args.gguf or smollm2_gguf())
     blocks, val_ids = load_data(tok, args)
     if args.only_float:
         float_model(base, blocks, args, device)
         return
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="qat-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log = RowLog(args.out)
-    print(f"GGUF files in {work}; rows appended to {log.path}", flush=True)
-    bench = Bench(args, tok, val_ids, work, log, device)
-
-    if any(v.kind in ("float", "ptq") for v in variants):
-        try:
-            run_float(bench, base, blocks, variants, schemes)
-        except Exception as e:
-            error_row(log, "float", None, e)
-        empty_cache(device)
-    for scheme in schemes:
-        for v in (v for v in variants if v.kind == "qat"):
-            try:
-                run_qat(bench, base, blocks, v, scheme)
-            except Exception as e:
-                error_row(log, v.label, scheme, e)
-            empty_cache(device)
-    bench.evaluator.wait()
+    bench = open_bench(args, tok, val_ids, device, "qat-quality-")
+    first = (("float", lambda: run_float(bench, base, blocks, variants, schemes))
+             if any(v.kind in ("float", "ptq") for v in variants) else None)
+    run_arms(bench, run, first, lambda v, scheme: run_qat(bench, base, blocks, v, scheme), lambda v: v.label)
 
     meta = dict(schemes=schemes, variants=[v.label for v in variants], steps=args.steps, batch=args.batch,
                 seq=args.seq, lr=args.lr, seed=args.seed, start_step=args.start_step, held_out=HELD_OUT,
                 eval_tokens=len(val_ids), threads=args.threads, command=" ".join(sys.argv),
-                wall_s=round(time.time() - t_start, 1),
+                wall_s=round(time.time() - run.t_start, 1),
                 device=device_name(device))
-    finish(log.rows, meta, args.out)
+    finish(bench.log.rows, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 # the GPU and scores its own GGUF files with llama.cpp on its share of the cores; rows land in $RES as
 # they finish (JSON + JSONL), then bench/quality.py --merge and bench/qlora_quality.py --merge join them.
 #
-#   [SUITE=protocol|lr] [LRS="5e-5 1e-4"] bash bench/gpu_quality_suite.sh SMOLLM2.gguf SHKSPR_TEXTS_DIR RESULTS_DIR [EVAL_TOKENS]
+#   [SUITE=protocol|lr] [LRS="5e-5 1e-4"] [ONLY=regex] bash bench/gpu_quality_suite.sh SMOLLM2.gguf SHKSPR_TEXTS_DIR RESULTS_DIR [EVAL_TOKENS]
 #
 # SUITE=protocol (default): the issues' lr 2e-5. SUITE=lr: float and QAT trained at each of LRS (so each
 # QAT row's gap is measured against a float fine-tune that got the same lr), then the QLoRA arms.
@@ -23,7 +23,8 @@ MAXJ=${MAXJ:-$(( ${MEM:-0} > 0 ? MEM / 16500 : 13 ))}; [ "$MAXJ" -lt 1 ] && MAXJ
 echo "running at most $MAXJ processes at once"
 slot() { while [ "$(jobs -rp | wc -l)" -ge "$MAXJ" ]; do wait -n; done; }
 L="$PY bench/qlora_quality.py --gguf $GGUF --texts $TEXTS --steps $STEPS --batch $BATCH --seq $SEQ --lr 2e-4 --eval-tokens $EVAL --workdir $G/qlora"
-run() { local name=$1; shift; mkdir -p "$G/$name"; slot; $T "$@" --workdir "$G/$name" --out "$RES/$name.json" > "$RES/$name.log" 2>&1 & }
+# ONLY='regex': run just the jobs whose names match (e.g. ONLY='^lr1e-4_(q4_k_m|float)$')
+run() { local name=$1; shift; [[ $name =~ ${ONLY:-.} ]] || return 0; mkdir -p "$G/$name"; slot; $T "$@" --workdir "$G/$name" --out "$RES/$name.json" > "$RES/$name.log" 2>&1 & }
 case ${SUITE:-protocol} in
 protocol)  # the issues' protocol: lr 2e-5 for float and QAT, QLoRA lr 2e-4
   run float $Q --schemes q4_0,q4_k_m,q3_k_m --variants float --float-ckpt $G/float.pt --threads 3
@@ -45,6 +46,7 @@ lr)  # one lr for float and QAT alike (a fair gap at each lr), then QLoRA
   for LR in ${LRS:-5e-5 1e-4}; do
     run lr${LR}_float $Q --lr $LR --schemes q4_0,q4_k_m,q3_k_m --variants float --threads 3
     run lr${LR}_q4_0 $Q --lr $LR --schemes q4_0 --variants qat:dynamic --threads 2
+    run lr${LR}_q4_0_lsq $Q --lr $LR --schemes q4_0 --variants qat:learned --threads 2
   done
   run qlora_b_q4_0 $L --schemes q4_0 --variants qat:dynamic --threads 1
   run qlora_b_q4_k_m $L --schemes q4_k_m --variants qat:dynamic --threads 1

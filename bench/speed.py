@@ -51,18 +51,24 @@ def build(model_name: str, variant: str, device: str):
     return model
 
 
+# variant suffixes: the environment switch each one sets for its variant
+SWITCHES = {
+    "+eager-torch": ("QAT_DISABLE_TRITON", "1"),  # our eager PyTorch path on GPU, without the fused kernel
+    "+per-layer": ("QAT_BATCHED_FQ", "0"),  # one kernel launch per layer (what DDP/FSDP and compile use)
+    "+torch-search": ("QAT_GGML_QUANTIZE", "0"),  # k-quants: our torch search on the GPU, not llama.cpp's C encoder
+}
+
+
 def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.environ.pop("QAT_DISABLE_TRITON", None)
-    os.environ.pop("QAT_BATCHED_FQ", None)
-    if variant.endswith("+eager-torch"):  # our eager PyTorch path on GPU, without the fused kernel
-        os.environ["QAT_DISABLE_TRITON"] = "1"
-        variant_build = variant.removesuffix("+eager-torch")
-    elif variant.endswith("+per-layer"):  # one kernel launch per layer (what DDP/FSDP and compile use)
-        os.environ["QAT_BATCHED_FQ"] = "0"
-        variant_build = variant.removesuffix("+per-layer")
-    else:
-        variant_build = variant
+    for k in SWITCHES.values():
+        os.environ.pop(k[0], None)
+    variant_build, found = variant, True
+    while found:  # suffixes combine, in any order
+        found = [s for s in SWITCHES if variant_build.endswith(s)]
+        for suffix in found[:1]:
+            os.environ[SWITCHES[suffix][0]] = SWITCHES[suffix][1]
+            variant_build = variant_build.removesuffix(suffix)
     model = build(args.model, variant_build, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
@@ -70,7 +76,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
     if compiled:
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
-    env = {k: os.environ.get(k) for k in ("QAT_BATCHED_FQ", "QAT_DISABLE_TRITON")}
+    env = {k: os.environ.get(k) for k, _ in SWITCHES.values()}
 
     def step():
         for k, v in env.items():  # interleaved variants each keep their own switches

@@ -23,6 +23,8 @@ def _llama_on(monkeypatch):
     monkeypatch.setenv("QAT_GGML_QUANTIZE", "1")
     monkeypatch.setitem(kquants._LLAMA, "off", False)
     monkeypatch.setitem(kquants._LLAMA, "calls", {})
+    monkeypatch.setitem(kquants._LLAMA, "dequant_checked", set())
+    monkeypatch.setitem(kquants._LLAMA, "dequant_off", False)
 
 
 def _weights(rows=24, cols=768, seed=0):
@@ -108,6 +110,41 @@ def test_a_disagreeing_llama_cpp_hands_over_to_ours(monkeypatch):
     calls = dict(kquants._LLAMA["calls"])
     _same(fmt._quantize(w), fmt._quantize_torch(w))
     assert kquants._LLAMA["calls"] == calls  # llama.cpp's encoder is not called again
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_llama_cpp_dequantize_rows_equals_ours(name):
+    """fake() by llama.cpp's encoder and dequantize_row_*: ours dequantizing the same blocks, bit for bit."""
+    from qat.formats import llama_encoder
+
+    fmt = get_format(name)
+    w = _weights(rows=200)  # over ROWS_PER_TASK: the threaded split
+    data = llama_encoder.quantize_rows(int(fmt.ggml_type), fmt.type_size, w.numpy(), 1)
+    theirs = llama_encoder.dequantize_rows(name, data, w.shape[1], threads=3)
+    ours = fmt.dequantize(fmt.from_bytes(data, tuple(w.shape)))
+    assert torch.equal(torch.from_numpy(theirs).view(torch.int32), ours.view(torch.int32))
+    assert torch.equal(fmt.fake(w).view(torch.int32), ours.view(torch.int32))
+    assert name in kquants._LLAMA["dequant_checked"] and not kquants._LLAMA["dequant_off"]
+
+
+def test_a_differing_llama_cpp_dequantization_hands_over_to_ours(monkeypatch):
+    from qat.formats import llama_encoder
+
+    real = llama_encoder.dequantize_rows
+
+    def fused(name, data, n, threads=1):  # a build whose rounding differs somewhere
+        out = real(name, data, n, threads)
+        out[:, 3] = np.nextafter(out[:, 3], np.float32(np.inf))
+        return out
+
+    monkeypatch.setattr(llama_encoder, "dequantize_rows", fused)
+    fmt = get_format("q5_k")
+    w = _weights()
+    ours = fmt.dequantize(fmt._quantize_torch(w))
+    with pytest.warns(RuntimeWarning, match="dequantization differs"):
+        assert torch.equal(fmt.fake(w), ours)
+    assert kquants._LLAMA["dequant_off"] and not kquants._LLAMA["off"]
+    assert torch.equal(fmt.fake(w), ours)  # and from then on, without asking llama.cpp's dequantization
 
 
 def test_off_switch_and_bad_input(monkeypatch):

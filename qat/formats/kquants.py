@@ -417,7 +417,8 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 # formats
 # ------------------------------------------------------------------------------------------------
 FIRST_CHECK_ROWS = 64
-_LLAMA = {"off": False, "calls": {}}  # llama.cpp's encoder: turned off after a mismatch; calls per format
+# llama.cpp's encoder: turned off after a mismatch; calls per format; its dequantization: checked formats, off
+_LLAMA = {"off": False, "calls": {}, "dequant_checked": set(), "dequant_off": False}
 
 
 class KQuantFormat(Format):
@@ -448,13 +449,52 @@ class KQuantFormat(Format):
         return self._quantize_torch(w)
 
     def _quantize_llama(self, w: Tensor) -> Optional[QTensor]:
-        """llama.cpp's blocks, checked against ours on a format's first use in the process (``FIRST_CHECK_ROWS``
-        rows spread over the tensor; the test suite checks the edge cases against the installed llama.cpp).
-        A difference (a llama.cpp whose rules changed) turns llama.cpp's encoder off for the process, with
-        a warning: what trains and exports must stay our reference rule's bits. (A check on every call cost
-        more than the C encoding itself: our search on even one row is hundreds of small ops.)"""
+        """llama.cpp's blocks as a QTensor on ``w``'s device, or None once llama.cpp's encoder is off."""
+        enc = self._llama_blocks(w)
+        if enc is None:
+            return None
+        q = self.from_bytes(enc[1], tuple(w.shape))
+        if w.device.type != "cpu":
+            q = QTensor(q.format, q.shape, q.codes.to(w.device), q.scale.to(w.device),
+                        None if q.zero is None else q.zero.to(w.device), {k: v.to(w.device) for k, v in q.extra.items()})
+        return q
+
+    def _fake_llama(self, w: Tensor) -> Optional[Tensor]:
+        """``w_hat`` (fp32, on ``w``'s device) by llama.cpp's encoder and its ``dequantize_row``, or None once
+        llama.cpp's encoder is off. The dequantization is checked like the encoder, on the same sample rows
+        against ours (``dequantize(from_bytes(...))``, which equals ``gguf.quants.dequantize``); a
+        difference (say, a build whose compiler fused the multiply-add) hands it over to ours."""
+        enc = self._llama_blocks(w)
+        if enc is None:
+            return None
+        x, data = enc
+        if _LLAMA["dequant_off"]:
+            return self.dequantize(self.from_bytes(data, tuple(w.shape))).to(w.device)
+        y = torch.from_numpy(llama_encoder.dequantize_rows(self.name, data, x.shape[1], torch.get_num_threads()))
+        if self.name not in _LLAMA["dequant_checked"]:
+            _LLAMA["dequant_checked"].add(self.name)
+            check = torch.from_numpy(self._check_rows(x.shape[0]))
+            ours = self.dequantize(self.from_bytes(data[check.numpy()], (len(check), x.shape[1])))
+            if not torch.equal(ours.view(torch.int32), y[check].view(torch.int32)):
+                _LLAMA["dequant_off"] = True
+                import warnings
+
+                warnings.warn(f"llama.cpp's {self.name} dequantization differs from qat's: qat's is used from now on",
+                              RuntimeWarning, stacklevel=3)
+                return self.dequantize(self.from_bytes(data, tuple(w.shape))).to(w.device)
+        return y.reshape(w.shape).to(w.device)
+
+    def _llama_blocks(self, w: Tensor) -> Optional[tuple[Tensor, np.ndarray]]:
+        """``(x, data)``: ``w`` as fp32 CPU rows and llama.cpp's blocks of them, checked against ours on a
+        format's first use in the process (``FIRST_CHECK_ROWS`` rows spread over the tensor; the test suite
+        checks the edge cases against the installed llama.cpp). A difference (a llama.cpp whose rules
+        changed) turns llama.cpp's encoder off for the process, with a warning, and gives None: what trains
+        and exports must stay our reference rule's bits. (A check on every call cost more than the C
+        encoding itself: our search on even one row is hundreds of small ops.)"""
         import warnings
 
+        if _LLAMA["off"]:
+            return None
         x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
         data = llama_encoder.quantize_rows(int(self.ggml_type), self.type_size, x.numpy(), torch.get_num_threads())
         calls = _LLAMA["calls"].get(self.name, 0)
@@ -464,16 +504,15 @@ class KQuantFormat(Format):
             warnings.warn(f"llama.cpp's {self.name} encoder disagrees with qat's on this tensor (a llama.cpp with "
                           "other rules?): qat's encoder is used from now on", RuntimeWarning, stacklevel=3)
             return None
-        q = self.from_bytes(data, tuple(w.shape))
-        if w.device.type != "cpu":
-            q = QTensor(q.format, q.shape, q.codes.to(w.device), q.scale.to(w.device),
-                        None if q.zero is None else q.zero.to(w.device), {k: v.to(w.device) for k, v in q.extra.items()})
-        return q
+        return x, data
+
+    @staticmethod
+    def _check_rows(rows: int) -> np.ndarray:
+        return np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
 
     def _agrees_with_ours(self, x: Tensor, data: np.ndarray) -> bool:
         """Do ``FIRST_CHECK_ROWS`` rows of ``data`` (llama.cpp's blocks of ``x``), spread over it, equal ours?"""
-        rows = x.shape[0]
-        check = np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
+        check = self._check_rows(x.shape[0])
         ours = self.to_bytes(self._quantize_torch(x[torch.from_numpy(check)]))
         return np.array_equal(ours.reshape(len(check), -1), data[check])
 
@@ -511,7 +550,11 @@ class KQuantFormat(Format):
         return out.reshape(q.shape)
 
     def fake(self, w: Tensor) -> Tensor:
-        return self.dequantize(self._quantize(w)).to(w.device)
+        if llama_encoder.enabled():
+            y = self._fake_llama(w)
+            if y is not None:
+                return y
+        return self.dequantize(self._quantize_torch(w)).to(w.device)
 
     # -- bytes -------------------------------------------------------------------------------------
     def to_bytes(self, q: QTensor) -> np.ndarray:

@@ -56,6 +56,8 @@ SWITCHES = {
     "+eager-torch": ("QAT_DISABLE_TRITON", "1"),  # our eager PyTorch path on GPU, without the fused kernel
     "+per-layer": ("QAT_BATCHED_FQ", "0"),  # one kernel launch per layer (what DDP/FSDP and compile use)
     "+torch-search": ("QAT_GGML_QUANTIZE", "0"),  # k-quants: our torch search on the GPU, not llama.cpp's C encoder
+    "+recompute": ("QAT_RECOMPUTE", "1"),  # w_hat and the clip mask recomputed in the backward, not kept
+    "+no-recompute": ("QAT_RECOMPUTE", "0"),  # the matmul keeps w_hat and the STE its mask until the backward
 }
 
 

@@ -23,17 +23,24 @@ from torch import Tensor
 
 from .formats.base import AffineFormat, Format, from_blocks, to_blocks
 
-__all__ = ["fake_quantize", "fake_quantize_lsq", "fake_quantize_any", "lsq_grad_scale"]
+__all__ = ["fake_quantize", "fake_quantize_lsq", "fake_quantize_any", "lsq_grad_scale", "ste_forward", "lsq_forward",
+           "lsq_backward"]
+
+
+def ste_forward(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(w_hat, inside)``: the fake-quantized weight in ``w``'s dtype and the clip mask its STE uses."""
+    blocks = to_blocks(w, fmt.block)
+    raw = fmt.raw_codes(blocks, scale, zero)
+    codes = fmt.clamp_codes(raw)
+    return from_blocks(fmt.decode(codes, scale, zero)).to(w.dtype), from_blocks(raw == codes).reshape(w.shape)
 
 
 class _STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor]) -> Tensor:
-        blocks = to_blocks(w, fmt.block)
-        raw = fmt.raw_codes(blocks, scale, zero)
-        codes = fmt.clamp_codes(raw)
-        ctx.save_for_backward(from_blocks(raw == codes).reshape(w.shape))
-        return from_blocks(fmt.decode(codes, scale, zero)).to(w.dtype)
+        w_hat, inside = ste_forward(w, fmt, scale, zero)
+        ctx.save_for_backward(inside)
+        return w_hat
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -60,33 +67,44 @@ def lsq_grad_scale(fmt: AffineFormat, row_len: int) -> float:
     return 1.0 / math.sqrt(n * max(q_pos, 1))
 
 
+def lsq_forward(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor]):
+    """LSQ's forward: ``(blocks, w_hat, inside, z)`` in fp32 block views, ``z`` the zero as used (rounded "zp")."""
+    blocks = to_blocks(w, fmt.block)
+    z = None if zero is None else (torch.round(zero) if fmt.zero_kind == "zp" else zero)
+    raw = fmt.raw_codes(blocks, scale, z)
+    codes = fmt.clamp_codes(raw)
+    return blocks, fmt.decode(codes, scale, z), raw == codes, z
+
+
+def lsq_backward(grad: Tensor, fmt: AffineFormat, g: float, blocks: Tensor, w_hat: Tensor, inside: Tensor,
+                 scale: Tensor, z: Optional[Tensor], has_zero: bool):
+    """``(grad_w, grad_scale, grad_zero)`` from the gradient of ``w_hat`` (module docstring)."""
+    gb = to_blocks(grad, fmt.block)
+    s = fmt.stored_scale(scale).unsqueeze(-1)
+    safe_s = torch.where(s == 0, torch.ones_like(s), s)
+    at_clip = w_hat - fmt.stored_zero(z).unsqueeze(-1) if fmt.zero_kind == "min" else w_hat
+    ds = torch.where(inside, (w_hat - blocks) / safe_s, at_clip / safe_s)
+    grad_scale = (gb * ds).sum(-1) * g
+    grad_zero = None
+    if has_zero:
+        dz = torch.ones_like(s) if fmt.zero_kind == "min" else -s
+        grad_zero = (gb * (~inside) * dz).sum(-1) * g
+    return from_blocks(gb * inside).reshape(grad.shape), grad_scale, grad_zero
+
+
 class _LSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, scale: Tensor, zero: Optional[Tensor], fmt: AffineFormat, g: float) -> Tensor:
-        blocks = to_blocks(w, fmt.block)
-        z = None if zero is None else (torch.round(zero) if fmt.zero_kind == "zp" else zero)
-        raw = fmt.raw_codes(blocks, scale, z)
-        codes = fmt.clamp_codes(raw)
-        w_hat = fmt.decode(codes, scale, z)
-        ctx.save_for_backward(blocks, w_hat, raw == codes, scale, z if z is not None else scale.new_empty(0))
+        blocks, w_hat, inside, z = lsq_forward(w, fmt, scale, zero)
+        ctx.save_for_backward(blocks, w_hat, inside, scale, z if z is not None else scale.new_empty(0))
         ctx.fmt, ctx.g, ctx.has_zero = fmt, g, zero is not None
         return from_blocks(w_hat).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         blocks, w_hat, inside, scale, z = ctx.saved_tensors
-        fmt, g = ctx.fmt, ctx.g
-        gb = to_blocks(grad, fmt.block)
-        s = fmt.stored_scale(scale).unsqueeze(-1)
-        safe_s = torch.where(s == 0, torch.ones_like(s), s)
-        at_clip = w_hat - fmt.stored_zero(z).unsqueeze(-1) if fmt.zero_kind == "min" else w_hat
-        ds = torch.where(inside, (w_hat - blocks) / safe_s, at_clip / safe_s)
-        grad_scale = (gb * ds).sum(-1) * g
-        grad_zero = None
-        if ctx.has_zero:
-            dz = torch.ones_like(s) if fmt.zero_kind == "min" else -s
-            grad_zero = (gb * (~inside) * dz).sum(-1) * g
-        grad_w = from_blocks(gb * inside).reshape(grad.shape)
+        grad_w, grad_scale, grad_zero = lsq_backward(grad, ctx.fmt, ctx.g, blocks, w_hat, inside, scale, z,
+                                                     ctx.has_zero)
         return grad_w, grad_scale, grad_zero, None, None
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .formats import QTensor
 from .observers import ActQuantizer, WeightQuantizer
+from .recompute import recompute_linear
 
 __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "FAKE_QUANT_MODULES", "is_fake_quant"]
 
@@ -36,6 +37,8 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.act_fake_quant is not None:
             x = self.act_fake_quant(x)
+        if self.weight_fake_quant.recomputes(self.weight):  # keeps no w_hat/mask for the backward
+            return recompute_linear(x, self.weight, self.bias, self.weight_fake_quant)
         return F.linear(x, self.effective_weight(), self.bias)
 
     def quantize(self) -> QTensor:

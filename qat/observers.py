@@ -17,16 +17,18 @@ for ``learned``, Parameters), so checkpoints hold it and a resumed run continues
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .fake_quant import fake_quantize, fake_quantize_any, fake_quantize_lsq
+from .fake_quant import (fake_quantize, fake_quantize_any, fake_quantize_lsq, lsq_backward, lsq_forward, lsq_grad_scale,
+                         ste_forward)
 from .kernels.batch import group_of
-from .kernels.triton_fq import can_fuse, fused_ste
+from .kernels.triton_fq import can_fuse, fused_fake_quant, fused_ste
 from .formats import AffineFormat, Format, QTensor, QuantError, get_format
-from .formats.base import to_blocks
+from .formats.base import from_blocks, to_blocks
 
 __all__ = ["OBSERVERS", "WeightQuantizer", "ActQuantizer", "mse_params"]
 
@@ -131,30 +133,81 @@ class WeightQuantizer(_Freezable):
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
-        if not self.affine:
-            group = group_of(self)  # k-quants: all layers of a type searched at once (kernels/batch.py)
+        return self._fake_quant(w)[0]
+
+    def _fake_quant(self, w: Tensor, detached: bool = False) -> tuple[Tensor, str, tuple]:
+        """``(w_hat, how, params)``. ``detached`` (the recompute path, qat/recompute.py): no autograd graph,
+        and ``how``/``params`` tell ``redo`` how to give the same bits again in the backward."""
+        if not self.affine or (self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling()):
+            group = group_of(self)  # all layers at once (kernels/batch.py); compile traces per layer
             if group is not None and group.active(self, w):
-                out = group.take(self, w)
+                out = group.take(self, w, detached)
                 if out is not None:
-                    return out
-            return fake_quantize_any(w, self.fmt)
+                    return out, ("fused" if self.affine else "any"), ()
+        if detached:
+            with torch.no_grad():
+                return self._fake_quant_alone(w, detached)
+        return self._fake_quant_alone(w, detached)
+
+    def _fake_quant_alone(self, w: Tensor, detached: bool) -> tuple[Tensor, str, tuple]:
+        if not self.affine:
+            return fake_quantize_any(w, self.fmt), "any", ()
         if self.observer == "learned":
             if self._frozen:  # frozen: the learned values are used as they are, and get no gradient
-                return fake_quantize(w, self.fmt, self.scale, self._learned_zero())
-            return fake_quantize_lsq(w, self.fmt, self.scale, self.zero)
-        if self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling():
-            group = group_of(self)  # all layers in one launch (kernels/batch.py); compile traces per layer
-            if group is not None and group.active(self, w):
-                out = group.take(self, w)
-                if out is not None:
-                    return out
-        if can_fuse(w, self.fmt):  # one GPU kernel: parameters (unless frozen/mse), codes, w_hat, mask
-            dynamic = self.observer == "dynamic" and not self._frozen
-            if not dynamic:
-                self.observe(w)
-            return fused_ste(w, self.fmt, self.scale, self.zero, dynamic)
-        self.observe(w)
-        return fake_quantize(w, self.fmt, self.scale, self.zero)
+                zero = self._learned_zero()
+                params = (self.scale.detach(), None if zero is None else zero.detach()) if detached else ()
+                return fake_quantize(w, self.fmt, self.scale, zero), "ste", params
+            return fake_quantize_lsq(w, self.fmt, self.scale, self.zero), "lsq", (self.scale, self.zero)
+        dynamic = self.observer == "dynamic" and not self._frozen
+        fused = can_fuse(w, self.fmt)  # one GPU kernel: parameters (unless frozen/mse), codes, w_hat, mask
+        if not (fused and dynamic):
+            self.observe(w)
+        params = ()  # dynamic: the parameters are a function of w, recomputed with it
+        if detached and not dynamic:  # mse rewrites its buffers every forward: the backward gets a copy
+            keep = (lambda t: t) if self._frozen else torch.clone
+            params = (keep(self.scale), None if self.zero is None else keep(self.zero))
+        if fused:
+            return fused_ste(w, self.fmt, self.scale, self.zero, dynamic), "fused", params
+        return fake_quantize(w, self.fmt, self.scale, self.zero), "ste", params
+
+    # -- the recompute path (qat/recompute.py) ------------------------------------------------------------
+    def recomputes(self, w: Tensor) -> bool:
+        """Whether a ``FakeQuantLinear`` using this quantizer runs the recompute path for ``w`` now: eager
+        training of ``w``, and ``QAT_RECOMPUTE`` "1", or unset with ``w`` on CUDA in an affine format
+        (k-quants and NF4 would repeat their scale search in the backward, so they opt in with "1")."""
+        if torch.compiler.is_compiling() or not (self.enabled and w.requires_grad and torch.is_grad_enabled()):
+            return False
+        switch = os.environ.get("QAT_RECOMPUTE", "")
+        return switch == "1" or (switch != "0" and w.is_cuda and self.affine)
+
+    def fake_quant_detached(self, w: Tensor) -> tuple[Tensor, str, tuple]:
+        """The forward's ``w_hat`` (observer buffers updated as ``forward`` does) without an autograd graph,
+        and ``how``/``params`` for ``redo``."""
+        return self._fake_quant(w, detached=True)
+
+    def redo(self, w: Tensor, how: str, params: tuple) -> tuple[Tensor, Callable]:
+        """In the backward: ``w_hat`` bitwise as ``fake_quant_detached`` gave it (same kernel, same or
+        recomputed parameters), and ``ste(grad_w_hat) -> (grad_w, *grad_params)``; ``ste`` may reuse
+        ``grad_w_hat``'s memory."""
+        fmt = self.fmt
+        if how == "any":
+            return fake_quantize_any(w, fmt), lambda g: (g,)
+        if how == "lsq":
+            scale, zero = params
+            blocks, w_hat, inside, z = lsq_forward(w, fmt, scale, zero)
+            g = lsq_grad_scale(fmt, w.shape[-1])
+            return (from_blocks(w_hat).to(w.dtype),
+                    lambda gw: lsq_backward(gw, fmt, g, blocks, w_hat, inside, scale, z, zero is not None))
+        if how == "fused":
+            if params:
+                w_hat, inside = fused_fake_quant(w, fmt, params[0], params[1], False)
+            else:  # dynamic: the kernel recomputes the parameters, into scratch (the buffers stay as they are)
+                scratch = (torch.empty_like(self.scale), None if self.zero is None else torch.empty_like(self.zero))
+                w_hat, inside = fused_fake_quant(w, fmt, *scratch, True)
+        else:
+            scale, zero = params or fmt.choose_params(to_blocks(w, fmt.block))
+            w_hat, inside = ste_forward(w, fmt, scale, zero)
+        return w_hat, lambda gw: (gw.mul_(inside),)
 
     @torch.no_grad()
     def quantize(self, w: Tensor) -> QTensor:

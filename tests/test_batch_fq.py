@@ -125,6 +125,8 @@ def test_kquant_group_equals_per_layer(scheme, monkeypatch):
 
     monkeypatch.setattr(batch, "KQ_CHUNK", 256 * 600)  # several chunks, split inside and across layers
     monkeypatch.setattr(batch, "KQ_ON_CPU", True)
+    # one search per type and forward: QAT_RECOMPUTE=1 splits it, embedding apart (tests/test_recompute.py)
+    monkeypatch.setenv("QAT_RECOMPUTE", "0")
 
     def run(batched: bool, dtype):
         monkeypatch.setenv("QAT_BATCHED_FQ", "1" if batched else "0")

@@ -24,6 +24,11 @@ time per step (H200 quality runs, 500 steps: 998 s at q4_k_m against 260 s at q4
 independently, so the group concatenates the weights of all layers in one k-quant type and searches them
 at once, in chunks of at most ``KQ_CHUNK`` elements (bounds the search's temporaries), bit for bit the
 per-layer result. Their backward is the plain STE (no clip mask).
+
+Recompute path (qat/recompute.py): layers that recompute ``w_hat`` in their backward take *detached*
+slots, computed without the group backward node (no masks kept); the group's backward then serves only
+the layers that still keep their masks (embeddings, k-quants unless ``QAT_RECOMPUTE=1``). Each mode is
+computed once per forward, for the quantizers that mode serves.
 """
 from __future__ import annotations
 
@@ -109,7 +114,7 @@ class _Slot:
     """One quantizer's ``w_hat`` from a group computation, and what it was computed from."""
 
     tensor: Tensor
-    uses: int  # modules still to take it in this forward (tied layers share a quantizer)
+    uses: int  # modules still to take it in this mode and forward (tied layers share a quantizer)
     version: int  # the weight's version counter and storage at the time
     ptr: int
     grad: bool  # grad mode at the time
@@ -120,10 +125,10 @@ class BatchedFakeQuant:
     """The group of fusable quantizers of one prepared model (see the module docstring)."""
 
     def __init__(self, members: list):
-        # members: (quantizer, a module whose .weight it quantizes, number of modules using it)
-        self.members = [(weakref.ref(q), weakref.ref(m)) for q, m, _ in members]
-        self.uses = {id(q): n for q, _, n in members}
-        self.slots: dict[int, _Slot] = {}
+        # members: (quantizer, a module whose .weight it quantizes, Linear users, Embedding users)
+        self.members = [(weakref.ref(q), weakref.ref(m)) for q, m, _, _ in members]
+        self.users = {id(q): (n_lin, n_emb) for q, _, n_lin, n_emb in members}
+        self.slots: dict[tuple[int, bool], _Slot] = {}  # (id(quantizer), detached) -> slot
         self._tables: dict = {}
         self.launches = 0  # kernel launches so far (tests check: one per format and forward)
 
@@ -133,26 +138,35 @@ class BatchedFakeQuant:
         return _enabled() and _fusable(q, w)
 
     # -- the per-layer entry point ---------------------------------------------------------------------
-    def take(self, q, w: Tensor) -> Optional[Tensor]:
+    def take(self, q, w: Tensor, detached: bool = False) -> Optional[Tensor]:
         """``w_hat`` for quantizer ``q`` and its weight ``w`` from this forward's group computation, or None
-        where the group does not cover the call (the caller then fake-quantizes alone)."""
-        slot = self.slots.get(id(q))
+        where the group does not cover the call (the caller then fake-quantizes alone). ``detached``: for
+        a layer that recomputes ``w_hat`` in its backward (no autograd graph, no mask kept)."""
+        key = (id(q), detached)
+        slot = self.slots.get(key)
         if slot is None or not self._valid(slot, w):
-            self._refresh(w)
-            slot = self.slots.get(id(q))
+            self._refresh(w, detached)
+            slot = self.slots.get(key)
             if slot is None or slot.ptr != w.data_ptr():
                 return None
         slot.uses -= 1
         if slot.uses <= 0:
-            del self.slots[id(q)]
+            del self.slots[key]
         return slot.tensor
 
     def _valid(self, slot: _Slot, w: Tensor) -> bool:
         return (not slot.state.backward_ran and slot.grad == torch.is_grad_enabled()
                 and slot.version == w._version and slot.ptr == w.data_ptr())
 
-    def _refresh(self, w_caller: Tensor) -> None:
-        self.slots.clear()
+    def _uses(self, q, w: Tensor, detached: bool) -> int:
+        """How many modules take ``q``'s slot in this mode: Linears that recompute take detached ones."""
+        n_lin, n_emb = self.users[id(q)]
+        recompute = q.recomputes(w)
+        return (n_lin if recompute else 0) if detached else n_emb + (0 if recompute else n_lin)
+
+    def _refresh(self, w_caller: Tensor, detached: bool) -> None:
+        for key in [k for k in self.slots if k[1] == detached]:
+            del self.slots[key]
         by_key: dict = {}
         for qref, mref in self.members:
             q, m = qref(), mref()
@@ -162,14 +176,20 @@ class BatchedFakeQuant:
             if (w.device != w_caller.device or w.dtype not in _WDT or w.shape[-1] % q.fmt.block
                     or not w.is_contiguous() or not _fusable(q, w)):
                 continue
-            by_key.setdefault((q.fmt.name, w.dtype), []).append((q, w))
+            uses = self._uses(q, w, detached)
+            if uses:
+                by_key.setdefault((q.fmt.name, w.dtype), []).append((q, w, uses))
         grad = torch.is_grad_enabled()
         for members in by_key.values():
             state = _State()
-            qs = [q for q, _ in members]
-            outs = _MultiSTE.apply(self, qs, state, *[w for _, w in members])
-            for (q, w), out in zip(members, outs):
-                self.slots[id(q)] = _Slot(out, self.uses[id(q)], w._version, w.data_ptr(), grad, state)
+            qs, ws = [q for q, _, _ in members], [w for _, w, _ in members]
+            if detached:
+                with torch.no_grad():
+                    outs = self._compute(qs, ws)[0]  # the masks are dropped here: backward recomputes them
+            else:
+                outs = _MultiSTE.apply(self, qs, state, *ws)
+            for (q, w, uses), out in zip(members, outs):
+                self.slots[(id(q), detached)] = _Slot(out, uses, w._version, w.data_ptr(), grad, state)
 
     # -- the launch ------------------------------------------------------------------------------------
     def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[list[Tensor]]]:
@@ -252,10 +272,10 @@ def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
             q = m.weight_fake_quant
             if _is_kquant(q.fmt) or (tfq.HAS_TRITON and q.affine and q.observer == "dynamic"
                                      and tfq.kernel_kind(q.fmt) is not None):
-                counts.setdefault(id(q), [q, m, 0])[2] += 1
+                counts.setdefault(id(q), [q, m, 0, 0])[2 if type(m) is FakeQuantLinear else 3] += 1
     if not counts:
         return None
     group = BatchedFakeQuant([tuple(v) for v in counts.values()])
-    for q, _, _ in counts.values():
+    for q, *_ in counts.values():
         _GROUPS[q] = group
     return group

@@ -32,6 +32,12 @@ from .formats.base import from_blocks, to_blocks
 
 __all__ = ["OBSERVERS", "WeightQuantizer", "ActQuantizer", "mse_params"]
 
+# The recompute path (qat/recompute.py) by default only for weights this large. Measured on an H200, eager
+# q4_0 (BENCHMARKS.md): on a ~1B Llama (4-17M-element layers) it took peak memory from 1.088x to 1.004x
+# bf16's for 1.116x -> 1.129x the step time; on SmolLM2 (layers <= 0.9M elements) it saves 0.3 GiB but the
+# step went 1.21x -> 1.54x: one kernel per layer in the backward, where the step is bound by launches.
+RECOMPUTE_MIN_NUMEL = 1 << 22
+
 OBSERVERS = ("dynamic", "mse", "learned")
 ACT_OBSERVERS = ("dynamic", "moving_average")
 
@@ -173,12 +179,13 @@ class WeightQuantizer(_Freezable):
     # -- the recompute path (qat/recompute.py) ------------------------------------------------------------
     def recomputes(self, w: Tensor) -> bool:
         """Whether a ``FakeQuantLinear`` using this quantizer runs the recompute path for ``w`` now: eager
-        training of ``w``, and ``QAT_RECOMPUTE`` "1", or unset with ``w`` on CUDA in an affine format
-        (k-quants and NF4 would repeat their scale search in the backward, so they opt in with "1")."""
+        training of ``w``, and ``QAT_RECOMPUTE`` "1", or unset with ``w`` on CUDA in an affine format and
+        at least ``RECOMPUTE_MIN_NUMEL`` elements (k-quants and NF4 would repeat their scale search in the
+        backward, so they opt in with "1")."""
         if torch.compiler.is_compiling() or not (self.enabled and w.requires_grad and torch.is_grad_enabled()):
             return False
         switch = os.environ.get("QAT_RECOMPUTE", "")
-        return switch == "1" or (switch != "0" and w.is_cuda and self.affine)
+        return switch == "1" or (switch != "0" and w.is_cuda and self.affine and w.numel() >= RECOMPUTE_MIN_NUMEL)
 
     def fake_quant_detached(self, w: Tensor) -> tuple[Tensor, str, tuple]:
         """The forward's ``w_hat`` (observer buffers updated as ``forward`` does) without an autograd graph,

@@ -331,14 +331,20 @@ def test_fused_path_cuda():
 
 
 @pytest.mark.gpu
-def test_cuda_default_is_on_for_affine_formats(monkeypatch):
+def test_cuda_default_is_on_for_large_affine_weights(monkeypatch):
+    """Unset: on for CUDA weights in affine formats with at least RECOMPUTE_MIN_NUMEL elements."""
+    from qat import observers
+
     monkeypatch.delenv("QAT_RECOMPUTE", raising=False)
-    m = tiny_llama(vocab=256, hidden=256, inter=512, layers=1)
+    m = tiny_llama(vocab=256, hidden=256, inter=320, layers=1)  # ffn_down 320 wide: Q5_0/Q8_0 fallback
     qat.prepare(m, "q4_k_m")
     m.cuda().train()
     lins = _quant_linears(m)
     ids = torch.randint(0, 256, (2, 16), device="cuda")
-    loss = m(input_ids=ids, labels=ids).loss
     n_affine = sum(mod.weight_fake_quant.affine for mod in lins)
     assert 0 < n_affine < len(lins)  # the mix has k-quant layers (kept on today's path) and affine ones
+    loss = m(input_ids=ids, labels=ids).loss
+    assert _count_nodes(loss, "_RecomputeLinear") == 0  # all of them below the size limit
+    monkeypatch.setattr(observers, "RECOMPUTE_MIN_NUMEL", 0)
+    loss = m(input_ids=ids, labels=ids).loss
     assert _count_nodes(loss, "_RecomputeLinear") == n_affine

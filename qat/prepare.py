@@ -165,7 +165,8 @@ def _intra_op_threads(n: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QTensor], Any]] = None) -> dict[str, Any]:
+def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QTensor], Any]] = None,
+            pack_layer: Optional[Callable[[str, nn.Module], Any]] = None) -> dict[str, Any]:
     """Module name -> the integer codes and parameters of its weight, exactly as its forward uses them.
 
     ``get_format(q.format).dequantize(q)`` equals the layer's effective weight bitwise. The model is
@@ -176,6 +177,8 @@ def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QT
              in a barrier that a core busy with another process stalls.
     pack:    ``pack(name, qtensor)`` run right after quantizing, in the same thread, while the layer is
              in cache (export packs file bytes this way); the dict then holds what it returns.
+    pack_layer: ``pack_layer(name, module)`` tried first, in the same thread: where it returns something
+             other than None, that is the layer's result and no QTensor is made (export's k-quant bytes).
     """
     jobs: dict[tuple[int, int], tuple[str, nn.Module]] = {}
     names = []
@@ -187,6 +190,10 @@ def convert(model: nn.Module, threads: int = 1, pack: Optional[Callable[[str, QT
 
     def run(name: str, m: nn.Module) -> Any:
         with torch.no_grad():  # grad mode is per thread
+            if pack_layer is not None:
+                out = pack_layer(name, m)
+                if out is not None:
+                    return out
             q = m.quantize()
             return q if pack is None else pack(name, q)
 

@@ -147,6 +147,23 @@ def test_a_differing_llama_cpp_dequantization_hands_over_to_ours(monkeypatch):
     assert torch.equal(fmt.fake(w), ours)  # and from then on, without asking llama.cpp's dequantization
 
 
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_quantize_bytes_is_to_bytes_of_quantize(monkeypatch, flag):
+    """Export's path (the encoder's bytes as they are) writes what packing the QTensor writes."""
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", flag)
+    for name in KQ:
+        fmt = get_format(name)
+        for w in (_weights(), _weights(rows=12).reshape(3, 4, 768)):
+            b = fmt.quantize_bytes(w)
+            assert b.shape == (*w.shape[:-1], 3 * fmt.type_size)
+            assert np.array_equal(b, fmt.to_bytes(fmt._quantize_torch(w)))
+    assert bool(kquants._LLAMA["calls"]) == (flag == "1")
+    w = _weights()
+    w[0, 0] = float("inf")
+    with pytest.raises(qat.QuantError, match="finite|inf"):
+        get_format("q4_k").quantize_bytes(w)
+
+
 def test_off_switch_and_bad_input(monkeypatch):
     fmt = get_format("q4_k")
     monkeypatch.setenv("QAT_GGML_QUANTIZE", "0")

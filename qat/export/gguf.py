@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, get_format
+from ..formats.kquants import KQuantFormat
 from ..prepare import convert, fake_quant_modules
 from .io import ExportError, atomic_file, check_output
 
@@ -152,6 +153,15 @@ def _quant_bytes(q: QTensor, where: str) -> tuple[np.ndarray, int]:
     return fmt.to_bytes(q), int(fmt.ggml_type)
 
 
+def _kquant_bytes(name: str, m: nn.Module) -> Optional[tuple[np.ndarray, int]]:
+    """A k-quant layer's file bytes straight from its encoder (what ``_quant_bytes(m.quantize())`` gives:
+    k-quant codes are the reference rule on the weight, no stored parameters); None for other layers."""
+    fmt = m.weight_fake_quant.fmt
+    if not isinstance(fmt, KQuantFormat):
+        return None
+    return fmt.quantize_bytes(m.weight.detach()), int(fmt.ggml_type)
+
+
 def _check_gguf_compatible(model: nn.Module) -> None:
     problems = []
     for name, m in fake_quant_modules(model):
@@ -175,7 +185,8 @@ def _collect_tensors(model: nn.Module, arch: _Arch, hp: dict, float_type: str, p
     arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
     # every layer quantized and packed in one go, layers in parallel (see convert)
-    packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name))
+    packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name),
+                     pack_layer=_kquant_bytes)
 
     # every (module-level) parameter, including a tied head's duplicate name
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "_fake_quant." not in n]

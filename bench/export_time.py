@@ -32,16 +32,7 @@ from qat.export.gguf import export_gguf  # noqa: E402
 TYPES = ("q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q3_k_m")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--type", default="q4_0", choices=sorted(TYPES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tok = load_base(smollm2_gguf())
-    work = Path(tempfile.mkdtemp(prefix="qat-export-time-"))
+def measure(args, model, tok, work: Path) -> dict:
     f16 = export_gguf(model, tok, work / "model.F16.gguf", float_type="f16", force=True, progress=False)
     # the embedding and the head tied to it stay float on both sides (llama.cpp: token_embedding_type and
     # output_tensor_type F16 below); without the "lm_head" rule a mix would plan the head as Q8_0/Q6_K
@@ -56,10 +47,24 @@ def main() -> None:
         theirs.append(time.perf_counter() - t0)
     mismatches = warn_type_mismatch("qat", gguf_tensor_types(work / "ours.gguf"),
                                     "llama.cpp", gguf_tensor_types(work / "llama.gguf"))
-    res = dict(type=args.type, threads=args.threads, qat_s=statistics.median(ours), llamacpp_s=statistics.median(theirs),
-               ratio=statistics.median(ours) / statistics.median(theirs),
-               qat_mib=(work / "ours.gguf").stat().st_size / 2**20, llamacpp_mib=(work / "llama.gguf").stat().st_size / 2**20,
-               all_qat_s=ours, all_llamacpp_s=theirs, type_mismatches=mismatches)
+    return dict(type=args.type, threads=args.threads, qat_s=statistics.median(ours), llamacpp_s=statistics.median(theirs),
+                ratio=statistics.median(ours) / statistics.median(theirs),
+                qat_mib=(work / "ours.gguf").stat().st_size / 2**20, llamacpp_mib=(work / "llama.gguf").stat().st_size / 2**20,
+                all_qat_s=ours, all_llamacpp_s=theirs, type_mismatches=mismatches)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--type", default="q4_0", choices=sorted(TYPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_base(smollm2_gguf())
+    with tempfile.TemporaryDirectory(prefix="qat-export-time-") as tmp:  # ~0.5 GB of GGUF files per run
+        res = measure(args, model, tok, Path(tmp))
+    mismatches = res["type_mismatches"]
     print(json.dumps(res, indent=1))
     print(f"\n{args.type}, {args.threads} threads: qat {res['qat_s']:.2f} s, llama.cpp {res['llamacpp_s']:.2f} s "
           f"-> {res['ratio']:.2f}x")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qat
-from qat.formats import get_format, kquants
+from qat.formats import get_format, ggml, kquants
 from tiny_lm import bpe_tokenizer, tiny_llama
 
 pytestmark = [pytest.mark.llama,
@@ -25,6 +25,8 @@ def _llama_on(monkeypatch):
     monkeypatch.setitem(kquants._LLAMA, "calls", {})
     monkeypatch.setitem(kquants._LLAMA, "dequant_checked", set())
     monkeypatch.setitem(kquants._LLAMA, "dequant_off", False)
+    monkeypatch.setitem(ggml._LLAMA, "off", False)
+    monkeypatch.setitem(ggml._LLAMA, "checked", set())
 
 
 def _weights(rows=24, cols=768, seed=0):
@@ -162,6 +164,68 @@ def test_quantize_bytes_is_to_bytes_of_quantize(monkeypatch, flag):
     w[0, 0] = float("inf")
     with pytest.raises(qat.QuantError, match="finite|inf"):
         get_format("q4_k").quantize_bytes(w)
+
+
+LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_legacy_quantize_bytes_is_the_reference_rule(monkeypatch, flag):
+    monkeypatch.setenv("QAT_GGML_QUANTIZE", flag)
+    for name in LEGACY:
+        fmt = get_format(name)
+        for w in (_weights(), _weights(rows=12).reshape(3, 4, 768), _weights().bfloat16()):
+            b = fmt.quantize_bytes(w)
+            assert b.shape == (*w.shape[:-1], 768 // 32 * fmt.type_size)
+            assert np.array_equal(b, fmt.to_bytes(fmt.quantize(w)))
+    assert (ggml._LLAMA["checked"] == set(LEGACY)) == (flag == "1") and not ggml._LLAMA["off"]
+
+
+def test_a_disagreeing_legacy_encoder_hands_over_to_ours(monkeypatch):
+    from qat.formats import llama_encoder
+
+    real = llama_encoder.quantize_rows
+
+    def off_by_one(ggml_type, type_size, x, threads=1, block=256):
+        out = real(ggml_type, type_size, x, threads, block)
+        out[-1, 5] ^= 1  # the last row: the sample check includes it
+        return out
+
+    monkeypatch.setattr(llama_encoder, "quantize_rows", off_by_one)
+    fmt, w = get_format("q4_0"), _weights()
+    with pytest.warns(RuntimeWarning, match="disagrees with qat's"):
+        b = fmt.quantize_bytes(w)
+    assert np.array_equal(b, fmt.to_bytes(fmt.quantize(w))) and ggml._LLAMA["off"]
+
+
+@pytest.mark.parametrize("scheme,observer,freeze", [("q4_0", "dynamic", False), ("q8_0", "dynamic", False),
+                                                    ("q5_1", "dynamic", True), ("q4_1", "learned", False),
+                                                    ("q5_0", "mse", False)])
+def test_export_with_either_encoder_is_the_trained_codes(monkeypatch, tmp_path, scheme, observer, freeze):
+    """Export writes llama.cpp's encoder bytes only where they are the trained codes (dynamic, unfrozen):
+    files equal the QTensor path's for every observer, after training moved the weights (and, frozen or
+    learned, the parameters away from the reference rule)."""
+    from qat.export import export_gguf
+
+    tok = bpe_tokenizer()
+
+    def run(flag):
+        monkeypatch.setenv("QAT_GGML_QUANTIZE", flag)
+        m = tiny_llama(len(tok), hidden=64, heads=4, kv_heads=2)
+        qat.prepare(m, scheme, observer=observer)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            if freeze and step == 1:
+                qat.freeze_observers(m)
+            ids = torch.randint(0, len(tok), (2, 16), generator=g)
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return export_gguf(m, tok, tmp_path / f"m{flag}.gguf", progress=False).read_bytes()
+
+    assert run("1") == run("0")
+    assert (ggml._LLAMA["checked"] != set()) == (observer == "dynamic" and not freeze)
 
 
 def test_off_switch_and_bad_input(monkeypatch):

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from ..formats import QTensor, get_format
+from ..formats.ggml import GGMLFormat
 from ..formats.kquants import KQuantFormat
+from ..modules import FakeQuantEmbedding, FakeQuantLinear
 from ..prepare import convert, fake_quant_modules
 from .io import ExportError, atomic_file, check_output
 
@@ -153,13 +155,17 @@ def _quant_bytes(q: QTensor, where: str) -> tuple[np.ndarray, int]:
     return fmt.to_bytes(q), int(fmt.ggml_type)
 
 
-def _kquant_bytes(name: str, m: nn.Module) -> Optional[tuple[np.ndarray, int]]:
-    """A k-quant layer's file bytes straight from its encoder (what ``_quant_bytes(m.quantize())`` gives:
-    k-quant codes are the reference rule on the weight, no stored parameters); None for other layers."""
-    fmt = m.weight_fake_quant.fmt
-    if not isinstance(fmt, KQuantFormat):
+def _encoder_bytes(name: str, m: nn.Module) -> Optional[tuple[np.ndarray, int]]:
+    """A layer's file bytes straight from its format's encoder, where that is what ``m.quantize()`` gives:
+    k-quants (the reference rule on the weight, no stored parameters) and the legacy types under the
+    ``dynamic`` observer, unfrozen (their parameters are the reference rule's too). None for the rest
+    (stored, learned or frozen parameters; QLoRA layers, whose quantized weight is the merged one)."""
+    q = m.weight_fake_quant
+    if type(m) not in (FakeQuantLinear, FakeQuantEmbedding):
         return None
-    return fmt.quantize_bytes(m.weight.detach()), int(fmt.ggml_type)
+    if isinstance(q.fmt, KQuantFormat) or (isinstance(q.fmt, GGMLFormat) and q.observer == "dynamic" and not q._frozen):
+        return q.fmt.quantize_bytes(m.weight.detach()), int(q.fmt.ggml_type)
+    return None
 
 
 def _check_gguf_compatible(model: nn.Module) -> None:
@@ -186,7 +192,7 @@ def _collect_tensors(model: nn.Module, arch: _Arch, hp: dict, float_type: str, p
     name_map = gguf.get_tensor_name_map(arch_enum, model.config.num_hidden_layers)
     # every layer quantized and packed in one go, layers in parallel (see convert)
     packed = convert(model, threads=torch.get_num_threads(), pack=lambda name, q: _quant_bytes(q, name),
-                     pack_layer=_kquant_bytes)
+                     pack_layer=_encoder_bytes)
 
     # every (module-level) parameter, including a tied head's duplicate name
     params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "_fake_quant." not in n]

@@ -416,7 +416,7 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # formats
 # ------------------------------------------------------------------------------------------------
-FIRST_CHECK_ROWS = 64
+FIRST_CHECK_ROWS = llama_encoder.CHECK_ROWS
 # llama.cpp's encoder: turned off after a mismatch; calls per format; its dequantization: checked formats, off
 _LLAMA = {"off": False, "calls": {}, "dequant_checked": set(), "dequant_off": False}
 
@@ -485,7 +485,7 @@ class KQuantFormat(Format):
         y = torch.from_numpy(llama_encoder.dequantize_rows(self.name, data, x.shape[1], torch.get_num_threads()))
         if self.name not in _LLAMA["dequant_checked"]:
             _LLAMA["dequant_checked"].add(self.name)
-            check = torch.from_numpy(self._check_rows(x.shape[0]))
+            check = torch.from_numpy(llama_encoder.check_rows(x.shape[0]))
             ours = self.dequantize(self.from_bytes(data[check.numpy()], (len(check), x.shape[1])))
             if not torch.equal(ours.view(torch.int32), y[check].view(torch.int32)):
                 _LLAMA["dequant_off"] = True
@@ -518,15 +518,8 @@ class KQuantFormat(Format):
             return None
         return x, data
 
-    @staticmethod
-    def _check_rows(rows: int) -> np.ndarray:
-        return np.unique(np.linspace(0, rows - 1, min(FIRST_CHECK_ROWS, rows)).round().astype(np.int64))
-
     def _agrees_with_ours(self, x: Tensor, data: np.ndarray) -> bool:
-        """Do ``FIRST_CHECK_ROWS`` rows of ``data`` (llama.cpp's blocks of ``x``), spread over it, equal ours?"""
-        check = self._check_rows(x.shape[0])
-        ours = self.to_bytes(self._quantize_torch(x[torch.from_numpy(check)]))
-        return np.array_equal(ours.reshape(len(check), -1), data[check])
+        return llama_encoder.agrees(data, x, lambda rows: self.to_bytes(self._quantize_torch(rows)))
 
     def _quantize_torch(self, w: Tensor) -> QTensor:
         """Our vectorized implementation of the reference rule (any device)."""

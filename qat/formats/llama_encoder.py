@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["library", "enabled", "quantize_rows", "dequantize_rows"]
+__all__ = ["library", "enabled", "quantize_rows", "dequantize_rows", "agrees", "check_rows", "CHECK_ROWS"]
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -66,15 +66,15 @@ def enabled() -> bool:
     return os.environ.get("QAT_GGML_QUANTIZE", "1") != "0" and library() is not None
 
 
-def quantize_rows(ggml_type: int, type_size: int, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Blocks of fp32 ``x`` (rows, n_per_row), as llama.cpp writes them: uint8 ``(rows, n/256*type_size)``.
+def quantize_rows(ggml_type: int, type_size: int, x: np.ndarray, threads: int = 1, block: int = 256) -> np.ndarray:
+    """Blocks of fp32 ``x`` (rows, n_per_row), as llama.cpp writes them: uint8 ``(rows, n/block*type_size)``.
 
     ``threads`` > 1 splits the rows over a pool (ctypes drops the GIL for each call)."""
     lib = library()
     assert lib is not None
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
-    out = np.empty((rows, n // 256 * type_size), dtype=np.uint8)
+    out = np.empty((rows, n // block * type_size), dtype=np.uint8)
 
     def run(r0: int, r1: int) -> int:  # start is an element index; dst stays the base pointer
         return lib.ggml_quantize_chunk(ggml_type, x.ctypes.data, out.ctypes.data, r0 * n, r1 - r0, n, None)
@@ -83,6 +83,24 @@ def quantize_rows(ggml_type: int, type_size: int, x: np.ndarray, threads: int = 
     if size != out.size:
         raise RuntimeError(f"ggml_quantize_chunk wrote {size} bytes, expected {out.size}")
     return out
+
+
+CHECK_ROWS = 64  # rows of a format's first tensor compared with qat's encoder
+
+
+def check_rows(rows: int) -> np.ndarray:
+    """``CHECK_ROWS`` row indices spread over ``rows`` (first and last included)."""
+    return np.unique(np.linspace(0, rows - 1, min(CHECK_ROWS, rows)).round().astype(np.int64))
+
+
+def agrees(data: np.ndarray, x, ours) -> bool:
+    """Do the ``check_rows`` of ``data`` (llama.cpp's blocks of the rows ``x``) equal ``ours(x[those rows])``,
+    qat's bytes for them? (A check on every call would cost more than the C encoding itself.)"""
+    import torch
+
+    check = check_rows(x.shape[0])
+    mine = ours(x[torch.from_numpy(check)])
+    return np.array_equal(mine.reshape(len(check), -1), data[check])
 
 
 def _over_rows(run, rows: int, threads: int) -> int:

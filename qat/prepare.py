@@ -230,14 +230,21 @@ def layer_errors(model: nn.Module) -> list[dict]:
     for name, m in fake_quant_modules(model):
         wq = m.weight_fake_quant
         w = m.weight.detach().float()
+        # a report changes no state: the forward below re-observes ``w`` into the buffers, and under DDP
+        # only rank 0 reports, so keeping its result would leave the ranks' observer state different
+        saved = [b.detach().clone() for b in wq.buffers()]
         was = wq.enabled
         wq.enabled = True
-        w_hat = wq(w).float()
-        wq.enabled = was
-        rel = float((w - w_hat).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
-        row = {"layer": name, "format": wq.fmt.name, "observer": wq.observer, "rel_mse": rel, "numel": w.numel()}
-        if wq.affine:
-            s = wq.scale.detach().abs().float()
-            row.update(scale_mean=float(s.mean()), scale_min=float(s.min()), scale_max=float(s.max()))
+        try:
+            w_hat = wq(w).float()
+            rel = float((w - w_hat).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+            row = {"layer": name, "format": wq.fmt.name, "observer": wq.observer, "rel_mse": rel, "numel": w.numel()}
+            if wq.affine:
+                s = wq.scale.detach().abs().float()
+                row.update(scale_mean=float(s.mean()), scale_min=float(s.min()), scale_max=float(s.max()))
+        finally:
+            wq.enabled = was
+            for b, old in zip(wq.buffers(), saved):
+                b.copy_(old)
         rows.append(row)
     return rows

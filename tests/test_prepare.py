@@ -127,3 +127,25 @@ def test_effective_state_dict_has_plain_keys_and_quantized_values(llama):
     w = llama.model.layers[0].mlp.up_proj.weight.detach()
     fmt = get_format("q4_0")
     assert torch.equal(sd["model.layers.0.mlp.up_proj.weight"], fmt.dequantize(fmt.quantize(w)))
+
+
+@pytest.mark.parametrize("observer", ["dynamic", "mse", "learned"])
+def test_layer_errors_reports_without_changing_observer_state(observer):
+    """The per-layer report (the callback logs it on rank 0 only) re-observes the current weights, but leaves
+    every quantizer's buffers as the last forward left them: ranks stay identical under DDP."""
+    m = tiny_llama()
+    qat.prepare(m, "q4_0", observer=observer)
+    ids = torch.randint(0, 256, (2, 8))
+    m(input_ids=ids)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.5)  # an optimizer step after the last forward
+    before = {k: v.clone() for k, v in m.state_dict().items() if "_fake_quant." in k}
+    rows = qat.layer_errors(m)
+    after = {k: v for k, v in m.state_dict().items() if "_fake_quant." in k}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert rows and all(r["rel_mse"] > 0 for r in rows)
+    if observer == "dynamic":  # the report's scales are the current weights' (1.5x), not the buffers'
+        lin = next(mod for mod in m.modules() if isinstance(mod, FakeQuantLinear))
+        row = next(r for r in rows if r["layer"].endswith("q_proj"))
+        assert row["scale_mean"] == pytest.approx(1.5 * float(lin.weight_fake_quant.scale.abs().float().mean()), rel=1e-2)

@@ -227,6 +227,50 @@ def test_epoch_shuffle_is_the_order_a_seeded_shuffled_dataloader_gives():
         assert list(EpochShuffle(23, 7, epoch=epoch, skip=8)) == sum(order, [])[8:]
 
 
+def test_epoch_shuffle_shards_across_ranks_like_distributed_sampler():
+    """world > 1: each rank every world-th index of the one permutation, padded with its first indices as
+    DistributedSampler pads; a rank's skip counts its own samples; world 1 is unchanged."""
+    from qat.lm.data import EpochShuffle
+    for n, world in ((9, 2), (10, 2), (7, 3), (2, 4)):
+        for epoch in range(3):
+            perm = list(EpochShuffle(n, 5, epoch=epoch))
+            padded = (perm * world)[:-(-n // world) * world]
+            shards = [list(EpochShuffle(n, 5, epoch=epoch, rank=r, world=world)) for r in range(world)]
+            assert shards == [padded[r::world] for r in range(world)], (n, world, epoch)
+            assert all(len(s) == len(EpochShuffle(n, 5, world=world)) == -(-n // world) for s in shards)
+            assert sorted(set(sum(shards, []))) == list(range(n))
+            assert list(EpochShuffle(n, 5, epoch=epoch, skip=1, rank=world - 1, world=world)) == shards[-1][1:]
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        EpochShuffle(9, 5, rank=2, world=2)
+
+
+@pytest.mark.timeout(900)
+def test_ddp_mid_epoch_resume_is_the_uninterrupted_run(tmp_path):
+    """Lightning DDP on 2 CPU processes with the recipe runner's data module (EpochShuffle sharding itself,
+    use_distributed_sampler=False): stopped at a step inside an epoch, resumed in fresh processes from that
+    step's checkpoint, every rank sees the uninterrupted run's batches and ends in its state, bitwise."""
+    worker = Path(__file__).with_name("ddp_data_worker.py")
+
+    def run(out, stop=0, ckpt=None):
+        args = [sys.executable, str(worker), str(out), str(stop)] + ([str(ckpt)] if ckpt else [])
+        res = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-4000:]
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    full = run(tmp_path / "full")
+    first = run(tmp_path / "first", stop=4)  # 5 samples a rank, batches of 2: 3 steps an epoch; 4 is inside epoch 1
+    ckpt = next((tmp_path / "first" / "ckpt").glob("*step=4.ckpt"))
+    rest = run(tmp_path / "rest", ckpt=ckpt)
+    for r in (0, 1):
+        assert first[r]["seen"] + rest[r]["seen"] == full[r]["seen"], r
+        assert [step for step, _ in rest[r]["seen"]] == list(range(4, 8))
+        for k, v in full[r]["state"].items():
+            assert torch.equal(rest[r]["state"][k], v), (r, k)
+    assert full[0]["seen"] != full[1]["seen"]  # the ranks train on different samples
+    for k, v in full[0]["state"].items():
+        assert torch.equal(full[1]["state"][k], v), k
+
+
 def test_resume_refuses_another_recipe_and_a_corrupt_or_pickled_checkpoint(tmp_path):
     """--resume continues only the run that was interrupted, from a checkpoint it can trust."""
     from qat.recipe import dump_config, load_recipe

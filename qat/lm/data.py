@@ -266,10 +266,18 @@ class EpochShuffle(Sampler[int]):
     """The order of ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))``, epoch for
     epoch, computed from the epoch number rather than carried in a generator, and able to start part-way
     into an epoch. A resumed run re-creates its DataLoader; with a plain seeded generator it would replay
-    the first epoch's order, here it continues exactly where the checkpoint left off."""
+    the first epoch's order, here it continues exactly where the checkpoint left off.
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0):
-        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+    Across ``world`` ranks (DDP/FSDP, with the Trainer's ``use_distributed_sampler=False``) each rank takes
+    every ``world``-th index of the same permutation, padded at the end to a multiple of ``world`` with its
+    first indices, as ``DistributedSampler`` does; ``skip`` then counts this rank's samples. Lightning's own
+    ``DistributedSampler`` would restart a resumed epoch from its beginning.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, skip: int = 0, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        self.n, self.seed, self.epoch, self.skip, self.rank, self.world = n, seed, epoch, skip, rank, world
         self._at: tuple[int, Optional[torch.Tensor]] = (0, None)  # (epoch, generator state at its start)
 
     def set_epoch(self, epoch: int) -> None:
@@ -292,10 +300,14 @@ class EpochShuffle(Sampler[int]):
         g = self._generator(self.epoch)
         torch.empty((), dtype=torch.int64).random_(generator=g)
         skip, self.skip = self.skip, 0
-        return iter(torch.randperm(self.n, generator=g)[skip:].tolist())
+        order = torch.randperm(self.n, generator=g)
+        if self.world > 1:
+            total = len(self) * self.world
+            order = torch.cat([order, order[:total - self.n]])[self.rank:total:self.world]
+        return iter(order[skip:].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -331,22 +343,27 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        if self.trainer is not None and self.trainer.world_size > 1:  # Lightning shards with a DistributedSampler
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if world > 1 and trainer._accelerator_connector.use_distributed_sampler:
+            # Lightning shards with its DistributedSampler (a resumed epoch restarts); Trainer(...,
+            # use_distributed_sampler=False), as the recipe runner sets, makes EpochShuffle shard and resume
             return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
                               num_workers=self.cfg.num_workers, generator=torch.Generator().manual_seed(self.seed))
-        sampler = EpochShuffle(len(self.train_set), self.seed, *self._resume_position())
+        sampler = EpochShuffle(len(self.train_set), self.seed, *self._resume_position(world), rank=rank, world=world)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
                           generator=torch.Generator())  # the loader's own base-seed draw stays off the global RNG
 
-    def _resume_position(self) -> tuple[int, int]:
+    def _resume_position(self, world: int = 1) -> tuple[int, int]:
         """``(epoch, samples to skip)`` where a run restored at ``trainer.global_step`` continues. An optimizer
         step takes ``accumulate_grad_batches`` batches, and Lightning steps at an epoch's end, so an epoch
-        of N batches is ``ceil(N / accumulate)`` steps."""
+        of N batches is ``ceil(N / accumulate)`` steps. Across ``world`` ranks, N and the skip are a rank's."""
         trainer = self.trainer
         if trainer is None or not trainer.global_step:
             return 0, 0
         accumulate = trainer.accumulate_grad_batches
-        steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.batch_size) / accumulate)
+        per_rank = -(-len(self.train_set) // world)
+        steps_per_epoch = math.ceil(math.ceil(per_rank / self.batch_size) / accumulate)
         epoch, steps = divmod(trainer.global_step, steps_per_epoch)
         return epoch, steps * accumulate * self.batch_size
 

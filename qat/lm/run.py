@@ -242,7 +242,8 @@ def fit(model: nn.Module, recipe: Recipe, datamodule: TextDataModule, out_dir: P
         logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(out_dir),
         val_check_interval=t.val_every_n_steps if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=(t.val_batches or 1.0) if validate else 0, num_sanity_val_steps=0,
-        enable_model_summary=False, plugins=[_AtomicCheckpointIO()])
+        enable_model_summary=False, plugins=[_AtomicCheckpointIO()],
+        use_distributed_sampler=False)  # the data module's EpochShuffle shards itself and resumes mid-epoch
     ckpt_path = None
     if resume and last.is_file():
         step = read_checkpoint(last, mmap=True).get("global_step")  # refuse a corrupt or untrusted file up front

@@ -59,7 +59,7 @@ def _signed_absmax(blocks: Tensor) -> Tensor:
     return m
 
 
-_LLAMA = {"off": False, "checked": set()}  # llama.cpp's encoder for these: off after a mismatch; checked formats
+_LLAMA = {"off": False, "calls": {}}  # llama.cpp's encoder for these: off after a mismatch; calls per format
 
 
 class GGMLFormat(AffineFormat):
@@ -78,18 +78,10 @@ class GGMLFormat(AffineFormat):
         k-quants, ``kquants.py``); a difference hands over to ours for the process, with a warning."""
         check_finite(w)
         self.check_shape(tuple(w.shape))
-        if llama_encoder.enabled() and not _LLAMA["off"]:
-            x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
-            data = llama_encoder.quantize_rows(self.ggml_type, self.type_size, x.numpy(), torch.get_num_threads(),
-                                               block=self.block)
-            if self.name in _LLAMA["checked"] or llama_encoder.agrees(data, x, lambda r: self.to_bytes(self.quantize(r))):
-                _LLAMA["checked"].add(self.name)
-                return data.reshape(*w.shape[:-1], -1)
-            _LLAMA["off"] = True
-            import warnings
-
-            warnings.warn(f"llama.cpp's {self.name} encoder disagrees with qat's: qat's is used from now on",
-                          RuntimeWarning, stacklevel=2)
+        if llama_encoder.enabled():
+            enc = llama_encoder.checked_blocks(self, w, lambda rows: self.to_bytes(self.quantize(rows)), _LLAMA)
+            if enc is not None:
+                return enc[1].reshape(*w.shape[:-1], -1)
         return self.to_bytes(self.quantize(w))
 
     def to_bytes(self, q: QTensor) -> np.ndarray:

@@ -416,7 +416,6 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # formats
 # ------------------------------------------------------------------------------------------------
-FIRST_CHECK_ROWS = llama_encoder.CHECK_ROWS
 # llama.cpp's encoder: turned off after a mismatch; calls per format; its dequantization: checked formats, off
 _LLAMA = {"off": False, "calls": {}, "dequant_checked": set(), "dequant_off": False}
 
@@ -498,28 +497,9 @@ class KQuantFormat(Format):
 
     def _llama_blocks(self, w: Tensor) -> Optional[tuple[Tensor, np.ndarray]]:
         """``(x, data)``: ``w`` as fp32 CPU rows and llama.cpp's blocks of them, checked against ours on a
-        format's first use in the process (``FIRST_CHECK_ROWS`` rows spread over the tensor; the test suite
-        checks the edge cases against the installed llama.cpp). A difference (a llama.cpp whose rules
-        changed) turns llama.cpp's encoder off for the process, with a warning, and gives None: what trains
-        and exports must stay our reference rule's bits. (A check on every call cost more than the C
-        encoding itself: our search on even one row is hundreds of small ops.)"""
-        import warnings
-
-        if _LLAMA["off"]:
-            return None
-        x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
-        data = llama_encoder.quantize_rows(int(self.ggml_type), self.type_size, x.numpy(), torch.get_num_threads())
-        calls = _LLAMA["calls"].get(self.name, 0)
-        _LLAMA["calls"][self.name] = calls + 1
-        if calls == 0 and not self._agrees_with_ours(x, data):
-            _LLAMA["off"] = True
-            warnings.warn(f"llama.cpp's {self.name} encoder disagrees with qat's on this tensor (a llama.cpp with "
-                          "other rules?): qat's encoder is used from now on", RuntimeWarning, stacklevel=3)
-            return None
-        return x, data
-
-    def _agrees_with_ours(self, x: Tensor, data: np.ndarray) -> bool:
-        return llama_encoder.agrees(data, x, lambda rows: self.to_bytes(self._quantize_torch(rows)))
+        format's first use (``llama_encoder.checked_blocks``; a check on every call cost more than the C
+        encoding itself: our search on even one row is hundreds of small ops), or None once it is off."""
+        return llama_encoder.checked_blocks(self, w, lambda rows: self.to_bytes(self._quantize_torch(rows)), _LLAMA)
 
     def _quantize_torch(self, w: Tensor) -> QTensor:
         """Our vectorized implementation of the reference rule (any device)."""

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["library", "enabled", "quantize_rows", "dequantize_rows", "agrees", "check_rows", "CHECK_ROWS"]
+__all__ = ["library", "enabled", "quantize_rows", "dequantize_rows", "agrees", "check_rows", "checked_blocks", "CHECK_ROWS"]
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -101,6 +101,32 @@ def agrees(data: np.ndarray, x, ours) -> bool:
     check = check_rows(x.shape[0])
     mine = ours(x[torch.from_numpy(check)])
     return np.array_equal(mine.reshape(len(check), -1), data[check])
+
+
+def checked_blocks(fmt, w, ours, state: dict):
+    """``(x, data)``: ``w`` as fp32 CPU rows and llama.cpp's blocks of them (``fmt``'s ``ggml_type``,
+    ``type_size`` and ``block``), or None once llama.cpp's encoder is off for ``state``'s formats.
+
+    The first call per format (``state["calls"]`` counts them) compares ``CHECK_ROWS`` rows with ``ours``,
+    qat's bytes for given rows (the test suite checks the edge cases against the installed llama.cpp). A
+    difference (a llama.cpp whose rules changed) sets ``state["off"]``, with a warning, and gives None:
+    what trains and exports must stay the reference rule's bits."""
+    import torch
+
+    if state["off"]:
+        return None
+    x = w.detach().reshape(-1, w.shape[-1]).to("cpu", torch.float32)
+    data = quantize_rows(int(fmt.ggml_type), fmt.type_size, x.numpy(), torch.get_num_threads(), block=fmt.block)
+    calls = state["calls"].get(fmt.name, 0)
+    state["calls"][fmt.name] = calls + 1
+    if calls == 0 and not agrees(data, x, ours):
+        import warnings
+
+        state["off"] = True
+        warnings.warn(f"llama.cpp's {fmt.name} encoder disagrees with qat's on this tensor (a llama.cpp with "
+                      "other rules?): qat's encoder is used from now on", RuntimeWarning, stacklevel=4)
+        return None
+    return x, data
 
 
 def _over_rows(run, rows: int, threads: int) -> int:

@@ -163,3 +163,78 @@ def test_kquant_group_equals_per_layer(scheme, monkeypatch):
         for ga, gb in zip(a[2], b[2]):
             assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb)), "grads"
         assert torch.equal(a[3], b[3]), "eval logits"
+
+
+def _run_compile_checks(device: str, backend: str) -> None:
+    """Under torch.compile the group is computed before the compiled code (``prefetch``): from the second
+    step one launch per format and forward, and the steps equal the per-layer compiled path's bitwise
+    (losses, gradients, observer buffers), whether the prepared model or its inner model is compiled."""
+    import copy
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_llama
+
+    import qat
+    from qat.kernels import batch
+    from qat.kernels.batch import group_of
+
+    def run(batched: bool, how: str, scheme: str, rules=None, tie=False, steps=4):
+        os.environ["QAT_BATCHED_FQ"] = "1" if batched else "0"
+        torch._dynamo.reset()
+        batch._COMPILED.clear()
+        torch.manual_seed(0)
+        m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=tie)
+        qat.prepare(m, scheme, rules=rules)
+        m.to(device)
+        group = group_of(next(x.weight_fake_quant for x in m.modules() if hasattr(x, "weight_fake_quant")))
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        if how == "model":
+            f = torch.compile(m, backend=backend)
+        else:  # the inner model compiled, the prepared one called eagerly around it
+            m.model = torch.compile(m.model, backend=backend)
+            f = m
+        g = torch.Generator().manual_seed(1)
+        losses, grads, launches = [], [], []
+        for _ in range(steps):
+            ids = torch.randint(0, 256, (2, 16), generator=g).to(device)
+            before = group.launches
+            loss = f(input_ids=ids, labels=ids).loss
+            loss.backward()
+            launches.append(group.launches - before)
+            losses.append(loss.detach().float().cpu())
+            grads.append([p.grad.detach().clone().cpu() for p in m.parameters() if p.grad is not None])
+            opt.step()
+            opt.zero_grad()
+        assert all(q._prefetched is None for q in m.modules() if hasattr(q, "_prefetched")), "prefetch not cleared"
+        copy.deepcopy(m.to("cpu") if how == "model" else m)  # no prefetched intermediate left to trip deepcopy
+        return losses, grads, {k: v.cpu() for k, v in m.state_dict().items()}, launches
+
+    # step 1 traces per layer (and notes the group), then one launch a step; with the inner model compiled,
+    # the tied output head outside it runs eagerly: in step 1 it takes the eager group (one launch), then
+    # the prefetched w_hat it shares with the embedding inside the compiled model
+    for how, scheme, rules, tie, first in [("model", "q4_0", None, False, 0),
+                                           ("inner", "q4_1", {"lm_head": "q4_1"}, True, 1)]:
+        a = run(False, how, scheme, rules, tie)
+        b = run(True, how, scheme, rules, tie)
+        assert a[3] == [0, 0, 0, 0], a[3]
+        assert b[3] == [first, 1, 1, 1], b[3]
+        assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), (how, "losses")
+        for ga, gb in zip(a[1], b[1]):
+            assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb)), (how, "grads")
+        assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2]), (how, "state")
+    print("compiled prefetch: all checks passed")
+
+
+@pytest.mark.gpu
+def test_compiled_prefetch_equals_per_layer_cuda():
+    _run_compile_checks("cuda", "inductor")
+
+
+def test_compiled_prefetch_equals_per_layer_interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from test_batch_fq import _run_compile_checks; "
+            "_run_compile_checks('cpu', 'aot_eager')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all checks passed" in r.stdout

@@ -237,6 +237,18 @@ def _by_columns(fn, x: Tensor, *more: Tensor) -> tuple[Tensor, ...]:
     return tuple(o.reshape(batch) for o in outs[:-1]) + (outs[-1].reshape((n,) + batch),)
 
 
+def _qkx2_candidates(nmax: int, rmin: float, rdelta: float, nstep: int) -> list[float]:
+    """make_qkx2_quants' candidate numerators ``rmin + rdelta*is + nmax`` (fp32, C's order), ``is = 0..nstep``
+    (each divided by ``max - min``); shared with the Triton kernel (kernels/triton_kquant.py)."""
+    return [_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) for step in range(nstep + 1)]
+
+
+def _qx_candidates(nmax: int) -> list[float]:
+    """make_qx_quants' iscale numerators: ``-nmax``, then ``-(nmax + 0.1f*is)`` for ``is = -9..9`` but 0 (fp32;
+    each divided by the signed absmax); shared with the Triton kernel."""
+    return [float(-nmax)] + [-_f32(nmax + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
+
+
 def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
                       use_mad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric sub-block search: returns (scale, the_min, L) with ``x ~ scale*L - the_min``.
@@ -296,7 +308,7 @@ def _qkx2_cols(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nste
     torch.div(torch.ones_like(denom), best_iscale, out=scale)
     _codes_into(lf, x, best_iscale, mn, 0, nmax, ends)
     error(scale, mn, best_error)
-    cs = [_f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax) for step in range(nstep + 1)]
+    cs = _qkx2_candidates(nmax, rmin, rdelta, nstep)
     cs = torch.tensor(cs, dtype=f32, device=dev).unsqueeze(1).expand(-1, B)  # true divisions below
     for step in range(nstep + 1):
         torch.div(cs[step], denom, out=iscale)
@@ -358,7 +370,7 @@ def _qx_rmse1_cols(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
         return _seqsum_into(acc, sums)  # [sumlx, suml2]
 
     # every candidate's iscale at once: -nmax/max, then -(nmax + 0.1*step)/max for step -9..9 but 0
-    cs = [float(-nmax)] + [-_f32(nmax + _f32(_f32(0.1) * step)) for step in range(-9, 10) if step]
+    cs = _qx_candidates(nmax)
     iscales = torch.div(torch.tensor(cs, dtype=x.dtype, device=x.device).unsqueeze(1), mx)
     best_iscale.copy_(iscales[0])
     sumlx, suml2 = candidate(best_iscale)
@@ -418,6 +430,8 @@ def _make_q3_quants_rmse(x: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # llama.cpp's encoder: turned off after a mismatch; calls per format; its dequantization: checked formats, off
 _LLAMA = {"off": False, "calls": {}, "dequant_checked": set(), "dequant_off": False}
+# the Triton kernel (kernels/triton_kquant.py) on CUDA weights: formats checked on first use, formats turned off
+_TRITON = {"checked": set(), "off": set()}
 
 
 class KQuantFormat(Format):
@@ -495,6 +509,31 @@ class KQuantFormat(Format):
                 return self.dequantize(self.from_bytes(data, tuple(w.shape))).to(w.device)
         return y.reshape(w.shape).to(w.device)
 
+    def _fake_triton(self, w: Tensor) -> Optional[Tensor]:
+        """``w_hat`` by the Triton kernel (one launch, on the device: ``kernels/triton_kquant.py``), or None
+        where it is not used (no Triton, ``QAT_DISABLE_TRITON``, not CUDA, or turned off for this format).
+        A format's first call compares ``llama_encoder.check_rows`` rows with ours on the CPU, bitwise; a
+        difference (a Triton or compiler whose arithmetic differs) warns and turns the kernel off for the
+        format: what trains must stay the reference rule's bits."""
+        from ..kernels import triton_kquant
+
+        if self.name in _TRITON["off"] or not triton_kquant.usable(w, self):
+            return None
+        y = triton_kquant.kquant_fake(w, self)
+        if self.name not in _TRITON["checked"]:
+            _TRITON["checked"].add(self.name)
+            x = w.detach().reshape(-1, w.shape[-1])
+            check = torch.from_numpy(llama_encoder.check_rows(x.shape[0])).to(x.device)
+            ours = self.dequantize(self._quantize_torch(x[check].cpu()))
+            if not torch.equal(y.reshape(-1, w.shape[-1])[check].cpu().view(torch.int32), ours.view(torch.int32)):
+                _TRITON["off"].add(self.name)
+                import warnings
+
+                warnings.warn(f"the Triton {self.name} kernel differs from qat's reference encoder: it is off for "
+                              f"{self.name}, and qat's own path is used from now on", RuntimeWarning, stacklevel=3)
+                return None
+        return y
+
     def _llama_blocks(self, w: Tensor) -> Optional[tuple[Tensor, np.ndarray]]:
         """``(x, data)``: ``w`` as fp32 CPU rows and llama.cpp's blocks of them, checked against ours on a
         format's first use (``llama_encoder.checked_blocks``; a check on every call cost more than the C
@@ -535,6 +574,11 @@ class KQuantFormat(Format):
         return out.reshape(q.shape)
 
     def fake(self, w: Tensor) -> Tensor:
+        """``dequantize(quantize(w))`` (fp32): on CUDA by the Triton kernel where usable, else by llama.cpp's
+        encoder on the host where installed, else by ours; all three give the same bits."""
+        y = self._fake_triton(w)
+        if y is not None:
+            return y
         if llama_encoder.enabled():
             y = self._fake_llama(w)
             if y is not None:

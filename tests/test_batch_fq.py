@@ -218,10 +218,14 @@ def _run_compile_checks(device: str, backend: str) -> None:
         b = run(True, how, scheme, rules, tie)
         assert a[3] == [0, 0, 0, 0], a[3]
         assert b[3] == [first, 1, 1, 1], b[3]
-        assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), (how, "losses")
+        # aot_eager runs the graphs' ops as they are: bitwise. Inductor compiles the two graphs apart (w_hat an
+        # input vs computed inside) and may pick other matmul layouts for the weight gradients: on an H200 the
+        # losses of all 4 steps were equal and some weight gradients differed in the last bits
+        same = torch.equal if backend == "aot_eager" else (lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6))
+        assert all(same(x, y) for x, y in zip(a[0], b[0])), (how, "losses")
         for ga, gb in zip(a[1], b[1]):
-            assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb)), (how, "grads")
-        assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2]), (how, "state")
+            assert len(ga) == len(gb) and all(same(x, y) for x, y in zip(ga, gb)), (how, "grads")
+        assert a[2].keys() == b[2].keys() and all(same(a[2][k], b[2][k]) for k in a[2]), (how, "state")
     print("compiled prefetch: all checks passed")
 
 

@@ -128,10 +128,28 @@ class _MultiSTE(torch.autograd.Function):
         # In place: these buffers are ours alone (one per output, from the layers' matmul backward), and
         # an out-of-place product would hold a second copy of every weight gradient at once.
         if ctx.masks is not None:  # k-quants: plain STE, the gradients pass as they are
-            torch._foreach_mul_(grads, ctx.masks)
+            _mask_grads(grads, *ctx.masks)
         ctx.state.backward_ran = True
         ctx.masks = None
         return (None, None, None, *grads)
+
+
+def _mask_grads(grads: list, mask: Tensor, tab: tuple) -> None:
+    """``grad *= mask`` (``mask``: the flat uint8 clip mask) for every layer of one launch: one Triton launch over the forward's program table
+    where every gradient is a contiguous tensor of the weight's dtype (the matmul backward's), else
+    ``torch._foreach_mul_`` (with bool masks against bf16 gradients that is one kernel per layer: measured
+    on an H200, 210 launches and 2.5 ms of host time per SmolLM2 step)."""
+    wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, dtype = tab
+    present = [g is not None for g in grads]
+    if all(present) and all(g.dtype == dtype and g.is_contiguous() and g.shape == s for g, s in zip(grads, shapes)):
+        gp = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        gp = gp.pin_memory().to(mask.device, non_blocking=True) if mask.is_cuda else gp.to(mask.device)
+        tfq._mask_multi_kernel[(pl.numel(),)](gp, mask, off, nb, pl, pr, BLOCK=block, ROWS=rows, WDT=_WDT[dtype],
+                                               num_warps=4)
+        return
+    for g, m, s in zip(grads, mask.view(torch.bool).split(sizes), shapes):
+        if g is not None:
+            g.mul_(m.view(s))
 
 
 @dataclass(slots=True)
@@ -272,7 +290,8 @@ class BatchedFakeQuant:
                 q._prefetched = q._prefetch_check = None
 
     # -- the launch ------------------------------------------------------------------------------------
-    def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+    def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[tuple]]:
+        """Every weight's ``w_hat`` (views of one buffer) and, for the backward, ``(flat mask, tables)``."""
         fmt, w0 = qs[0].fmt, weights[0]
         if _is_kquant(fmt):
             return self._compute_kquant(fmt, weights), None
@@ -282,7 +301,8 @@ class BatchedFakeQuant:
         if tab is None or tab[0] != key:
             tab = (key, self._build_tables(qs, weights, fmt))
             self._tables[(fmt.name, w0.dtype)] = tab
-        wp, sp, zp, off, nb, pl, pr, total, rows = tab[1]
+        tab = tab[1]
+        wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _ = tab
         out = torch.empty(total, dtype=w0.dtype, device=w0.device)
         mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
         kind = tfq.kernel_kind(fmt)
@@ -291,13 +311,10 @@ class BatchedFakeQuant:
             wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
             BLOCK=fmt.block, ROWS=rows, KIND=kind, HAS_ZERO=qs[0].zero is not None,
             SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], num_warps=4)
-        outs, masks, start = [], [], 0
-        for w in weights:
-            n = w.numel()
-            outs.append(out[start:start + n].view(w.shape))
-            masks.append(mask[start:start + n].view(w.shape).view(torch.bool))
-            start += n
-        return outs, masks
+        # one C++ split, then a view per layer: slicing and viewing each layer apart cost ~10 us of host time
+        # per layer, exposed before the first kernel of a compiled step
+        outs = [o.view(sh) for o, sh in zip(out.split(sizes), shapes)]
+        return outs, (mask, tab)
 
     def _compute_kquant(self, fmt, weights) -> list[Tensor]:
         """Every weight's k-quant ``w_hat``: the layers concatenated (as super-blocks) and searched in chunks."""
@@ -339,7 +356,8 @@ class BatchedFakeQuant:
         i64 = dict(dtype=torch.int64, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
         return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), torch.tensor(off, **i64),
-                torch.tensor(nb, **i32), torch.tensor(pl, **i32), torch.tensor(pr, **i32), start, rows)
+                torch.tensor(nb, **i32), torch.tensor(pl, **i32), torch.tensor(pr, **i32), start, rows, block,
+                [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype)
 
 
 def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:

@@ -186,6 +186,30 @@ if HAS_TRITON:
                  HAS_ZERO, SCALE_F16)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _mask_multi_kernel(GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr, WDT: tl.constexpr):
+        # The STE backward of a _fq_multi_kernel launch, in place: program -> (layer PL, first block PR) as
+        # there; GP holds each layer's gradient address (contiguous, the weight's dtype), MASK the flat clip
+        # mask at the layer's offset OFF. ``g * mask`` as a product, as torch's ``grad * mask`` (-g*0 = -0).
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        if WDT == 0:
+            G = tl.load(GP + layer).to(tl.pointer_type(tl.float32))
+        elif WDT == 1:
+            G = tl.load(GP + layer).to(tl.pointer_type(tl.bfloat16))
+        else:
+            G = tl.load(GP + layer).to(tl.pointer_type(tl.float16))
+        cols = tl.arange(0, BLOCK)
+        rmask = (rows < tl.load(NB + layer))[:, None]
+        offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
+        g = tl.load(G + offs, mask=rmask, other=0.0)
+        m = tl.load(MASK + tl.load(OFF + layer) + offs, mask=rmask, other=0).to(g.dtype)
+        tl.store(G + offs, g * m, mask=rmask)
+
+
 def _launch(w, out, mask, scale, zero, fmt, dynamic, launcher):
     kind = kernel_kind(fmt)
     block = fmt.block

@@ -1,0 +1,64 @@
+"""Where a compiled QAT training step's time goes: dynamo's graph/recompile counters and the profiler's
+top host and device entries for a few steady steps, against plain bf16.
+
+    python bench/profile_compile.py --variant qat:q4_0 [--per-layer]
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.speed import build  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", default="qat:q4_0")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--per-layer", action="store_true", help="QAT_BATCHED_FQ=0: the per-layer triton_op")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    if args.per_layer:
+        os.environ["QAT_BATCHED_FQ"] = "0"
+    model = build(args.model, args.variant, "cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    f = torch.compile(model)
+
+    def step():
+        f(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    from torch._dynamo.utils import counters
+    print("dynamo stats:", dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()))
+    t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t.append((t1 - t0, time.perf_counter() - t0))
+    print("host enqueue ms / step ms:", [(round(a * 1e3, 1), round(b * 1e3, 1)) for a, b in t])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    print(ka.table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70))
+    print(ka.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    n_kernels = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
+    print("device entries per step:", n_kernels / 3)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .fake_quant import (fake_quantize, fake_quantize_any, fake_quantize_lsq, lsq_backward, lsq_forward, lsq_grad_scale,
                          ste_forward)
-from .kernels.batch import group_of, note_compiled
+from .kernels.batch import group_of
 from .kernels.triton_fq import can_fuse, fused_fake_quant, fused_ste
 from .formats import AffineFormat, Format, QTensor, QuantError, get_format
 from .formats.base import from_blocks, to_blocks
@@ -83,10 +83,6 @@ class _Freezable(nn.Module):
 class WeightQuantizer(_Freezable):
     """Fake-quantizes one weight tensor in one format. Holds no reference to the weight itself."""
 
-    _group_key = 0  # id of its kernels/batch.py group, if any (a plain int: dynamo reads it as a constant)
-    _prefetched: Optional[Tensor] = None  # this forward's w_hat from the group, under torch.compile
-    _prefetch_check = None  # what it was computed from (kernels/batch.py, ``prefetched``)
-
     def __init__(self, fmt: Format | str, weight: Tensor, observer: str = "dynamic"):
         super().__init__()
         self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -113,13 +109,6 @@ class WeightQuantizer(_Freezable):
             else:
                 self.register_buffer("scale", scale.clone())
                 self.register_buffer("zero", None if zero is None else zero.clone())
-
-    def __getstate__(self):  # pickle/deepcopy: a prefetched w_hat is one forward's intermediate, never state
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_prefetched", None)
-        state.pop("_prefetch_check", None)
-        return state
 
     def _apply(self, fn, recurse=True):
         # ``model.to(torch.bfloat16)`` (bf16-true training) must move the quantization parameters but
@@ -155,18 +144,8 @@ class WeightQuantizer(_Freezable):
     def _fake_quant(self, w: Tensor, detached: bool = False) -> tuple[Tensor, str, tuple]:
         """``(w_hat, how, params)``. ``detached`` (the recompute path, qat/recompute.py): no autograd graph,
         and ``how``/``params`` tell ``redo`` how to give the same bits again in the backward."""
-        if self._group_key and torch.compiler.is_compiling() and (not self.affine or (
-                self.observer == "dynamic" and not self._frozen)):
-            # compiled: the group's w_hat, computed before the compiled code ran (kernels/batch.py, prefetch)
-            note_compiled(self._group_key)
-            if self._prefetched is not None:
-                return self._prefetched, ("fused" if self.affine else "any"), ()
         if not self.affine or (self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling()):
             group = group_of(self)  # all layers at once (kernels/batch.py); compile traces per layer
-            if group is not None and self._prefetched is not None and not detached:
-                out = group.prefetched(self, w)  # an eager layer in a forward prefetched for compiled ones
-                if out is not None:
-                    return out, ("fused" if self.affine else "any"), ()
             if group is not None and group.active(self, w):
                 out = group.take(self, w, detached)
                 if out is not None:

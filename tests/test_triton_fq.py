@@ -20,6 +20,10 @@ def weights(seed, rows=96, cols=512, dtype=torch.float32):
     w[2, :64] = (torch.arange(64) - 31.5) / 16
     w[3, :32] = 1e-9
     w[4, :] = w[4].abs()
+    # fp32 denormals: scales below 2^-126 (Q4_0's d = amax/8 ~ 4e-39), so w_hat = code*d is denormal; a kernel
+    # that flushes denormals to zero (Triton's default for libdevice's *_rn functions) would differ here.
+    # (Blocks of denormal weights alone make 1/d overflow to inf and the codes NaN-dependent garbage, in C too.)
+    w[5, :64] = torch.linspace(-3e-38, 3e-38, 64)
     return w.to(dtype).cuda()
 
 
@@ -39,12 +43,15 @@ def test_fused_dynamic_matches_eager_bitwise(name, seed, dtype):
     s_buf = torch.full_like(scale, float("nan"))
     z_buf = None if zero is None else torch.full_like(zero, float("nan"))
     out, mask = fused_fake_quant(w, fmt, s_buf, z_buf, dynamic=True)
-    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    # row 5 (denormal scales): torch's CUDA ops give NaN for Q4_1/Q5_1 at the block minimum (measured on an
+    # H200); the kernel gives the CPU's (llama.cpp's) 0 there, checked against the CPU below
+    keep = torch.arange(w.shape[0], device=w.device) != 5
+    assert torch.equal(out[keep].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       ref[keep].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert torch.equal(s_buf.view(torch.int32), scale.view(torch.int32))
     if zero is not None:
         assert torch.equal(z_buf, zero)
-    assert torch.equal(mask, (raw == codes).reshape(w.shape))
+    assert torch.equal(mask[keep], (raw == codes).reshape(w.shape)[keep])
     # and the CPU gives the same bits
     cpu = fmt.dequantize(fmt.quantize(w.float().cpu())).to(dtype)
     assert torch.equal(out.cpu().float(), cpu.float())

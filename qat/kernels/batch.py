@@ -25,18 +25,6 @@ independently, so the group concatenates the weights of all layers in one k-quan
 at once, in chunks of at most ``KQ_CHUNK`` elements (bounds the search's temporaries), bit for bit the
 per-layer result. Their backward is the plain STE (no clip mask).
 
-Under ``torch.compile`` the layers cannot take slots (dynamo cannot trace the slot bookkeeping), so the
-group is computed *before* the compiled code runs: a forward pre-hook on the smallest module holding
-every quantized layer (``torch.compiler.disable``d, so it runs eagerly whether that module, a parent or
-its children are compiled) calls ``prefetch``, which launches the same one kernel per format through the
-same ``_MultiSTE`` node and hands each quantizer its ``w_hat`` as a plain tensor attribute
-(``_prefetched``). The compiled layer reads that attribute, a graph input, instead of launching its own
-``triton_op``; a forward hook clears it. Measured on an H200 (BENCHMARKS.md), the per-layer op cost
-SmolLM2's compiled step 210 forward launches, 210 backward mask products and 210 observer-buffer copies.
-The hook only prefetches for a group a compiled trace has used (``note_compiled``, run by dynamo at trace
-time), so eager runs keep the lazy slots above (and the recompute path); the first compiled step
-therefore runs per layer, and the second compiles once more with the prefetched inputs.
-
 Recompute path (qat/recompute.py): layers that recompute ``w_hat`` in their backward take *detached*
 slots, computed without the group backward node (no masks kept); the group's backward then serves only
 the layers that still keep their masks (embeddings, k-quants unless ``QAT_RECOMPUTE=1``). Each mode is
@@ -64,18 +52,6 @@ _GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def group_of(q) -> Optional["BatchedFakeQuant"]:
     return _GROUPS.get(q)
 
-
-# root module -> its group, for the prefetch hooks (module-level functions: a prepared model still pickles)
-_ROOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_COMPILED: set[int] = set()  # group keys a compiled trace has used
-
-
-@torch._dynamo.assume_constant_result
-def note_compiled(key: int) -> bool:
-    """Called by a compiled layer's trace (dynamo runs it once, at trace time, and keeps the result as a
-    constant): from now on the group with this key prefetches its weights before every forward."""
-    _COMPILED.add(key)
-    return True
 
 _WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KQ_CHUNK = 1 << 24  # elements per k-quant search call (~30 temporaries of this size, fp32)
@@ -142,10 +118,11 @@ def _mask_grads(grads: list, mask: Tensor, tab: tuple) -> None:
     wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, dtype = tab
     present = [g is not None for g in grads]
     if all(present) and all(g.dtype == dtype and g.is_contiguous() and g.shape == s for g, s in zip(grads, shapes)):
-        gp = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        ptrs = [g.data_ptr() for g in grads]
+        gp = torch.tensor(ptrs, dtype=torch.int64)
         gp = gp.pin_memory().to(mask.device, non_blocking=True) if mask.is_cuda else gp.to(mask.device)
         tfq._mask_multi_kernel[(pl.numel(),)](gp, mask, off, nb, pl, pr, BLOCK=block, ROWS=rows, WDT=_WDT[dtype],
-                                               num_warps=4)
+                                               ALIGNED=all(p % 16 == 0 for p in ptrs), num_warps=4, **tfq.launch_opts())
         return
     for g, m, s in zip(grads, mask.view(torch.bool).split(sizes), shapes):
         if g is not None:
@@ -174,7 +151,6 @@ class BatchedFakeQuant:
         self.slots: dict[tuple[int, bool], _Slot] = {}  # (id(quantizer), detached) -> slot
         self._tables: dict = {}
         self.launches = 0  # kernel launches so far (tests check: one per format and forward)
-        self._prefetch = None  # (owner module, grad mode, states, [(weight, version, data_ptr)]) under compile
 
     # -- when to use it ------------------------------------------------------------------------------
     @staticmethod
@@ -242,53 +218,6 @@ class BatchedFakeQuant:
             for (q, w, uses), out in zip(members, outs):
                 self.slots[(id(q), detached)] = _Slot(out, uses, w._version, w.data_ptr(), grad, state)
 
-    # -- under torch.compile: computed before the compiled code runs (see the module docstring) -----------
-    @staticmethod
-    def prefetched(q, w: Tensor) -> Optional[Tensor]:
-        """For an eager layer inside a prefetched forward (a compiled inner model, the output head outside
-        it): ``q._prefetched`` if it is still ``w``'s (weight unchanged, same grad mode, backward not run)."""
-        check = q._prefetch_check
-        if check is None:
-            return None
-        version, ptr, grad, state = check
-        if (w._version != version or w.data_ptr() != ptr or grad != torch.is_grad_enabled() or state.backward_ran):
-            return None
-        return q._prefetched
-
-    def prefetch(self, owner: torch.nn.Module) -> None:
-        """Every member's ``w_hat`` for the coming forward, as ``q._prefetched`` (with the group's autograd
-        node when grad is enabled), unless the current ones are still valid for it (a hooked module called
-        inside another's forward). Compiled layers never recompute in their backward: none is detached."""
-        if self._prefetch_valid():
-            return
-        self.clear_prefetch()
-        states, seen = [], []
-        for members in self._by_key(lambda q, w: 1).values():
-            outs, state = self._launch_all(members, False)
-            states.append(state)
-            for (q, w, _), out in zip(members, outs):
-                q._prefetched = out
-                q._prefetch_check = (w._version, w.data_ptr(), torch.is_grad_enabled(), state)
-                seen.append((w, w._version, w.data_ptr()))
-        self._prefetch = (weakref.ref(owner), torch.is_grad_enabled(), states, seen)
-
-    def _prefetch_valid(self) -> bool:
-        if self._prefetch is None:
-            return False
-        _, grad, states, seen = self._prefetch
-        return (grad == torch.is_grad_enabled() and not any(s.backward_ran for s in states)
-                and all(w._version == v and w.data_ptr() == p for w, v, p in seen))
-
-    def clear_prefetch(self, owner: Optional[torch.nn.Module] = None) -> None:
-        """Drop the prefetched tensors (only if ``owner`` made them, when given)."""
-        if self._prefetch is None or (owner is not None and self._prefetch[0]() is not owner):
-            return
-        self._prefetch = None
-        for qref, _ in self.members:
-            q = qref()
-            if q is not None:
-                q._prefetched = q._prefetch_check = None
-
     # -- the launch ------------------------------------------------------------------------------------
     def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[tuple]]:
         """Every weight's ``w_hat`` (views of one buffer) and, for the backward, ``(flat mask, tables)``."""
@@ -310,7 +239,8 @@ class BatchedFakeQuant:
         tfq._fq_multi_kernel[(pl.numel(),)](
             wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
             BLOCK=fmt.block, ROWS=rows, KIND=kind, HAS_ZERO=qs[0].zero is not None,
-            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], num_warps=4)
+            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=all(k[0] % 16 == 0 for k in key),
+            num_warps=4, **tfq.launch_opts())
         # one C++ split, then a view per layer: slicing and viewing each layer apart cost ~10 us of host time
         # per layer, exposed before the first kernel of a compiled step
         outs = [o.view(sh) for o, sh in zip(out.split(sizes), shapes)]
@@ -365,51 +295,16 @@ def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
     from ..modules import FakeQuantEmbedding, FakeQuantLinear
 
     counts: dict[int, list] = {}
-    users: set[int] = set()  # every module taking a group member's w_hat (tied layers: all of them)
     for m in model.modules():
         if type(m) in (FakeQuantLinear, FakeQuantEmbedding):
             q = m.weight_fake_quant
             if _is_kquant(q.fmt) or (tfq.HAS_TRITON and q.affine and q.observer == "dynamic"
                                      and tfq.kernel_kind(q.fmt) is not None):
                 counts.setdefault(id(q), [q, m, 0, 0])[2 if type(m) is FakeQuantLinear else 3] += 1
-                users.add(id(m))
     if not counts:
         return None
     group = BatchedFakeQuant([tuple(v) for v in counts.values()])
     for q, *_ in counts.values():
         _GROUPS[q] = group
-        q._group_key = id(group)
-    # the prefetch hooks (torch.compile): on the prepared model, whose hooks run outside a compiled region
-    # when it is the compiled module, and on the smallest module around every layer, whose forward runs
-    # even where the prepared model's does not (a LightningModule's training_step calling self.model)
-    for root in {id(r): r for r in (model, _common_root(model, users))}.values():
-        _ROOTS[root] = group
-        root.register_forward_pre_hook(_prefetch_hook)
-        root.register_forward_hook(_clear_hook)
     return group
 
-
-def _common_root(model: torch.nn.Module, members: set) -> torch.nn.Module:
-    """The smallest submodule of ``model`` holding every module in ``members`` (ids): the one whose forward
-    runs around all of them (a LightningModule's training_step may call ``self.model`` and never ``self``)."""
-    root = model
-    while True:
-        inner = [c for c in root.children() if any(id(m) in members for m in c.modules())]
-        # ModuleList/ModuleDict are iterated by their parent's forward, never called: stop above them
-        if len(inner) != 1 or id(inner[0]) in members or isinstance(inner[0], (torch.nn.ModuleList, torch.nn.ModuleDict)):
-            return root
-        root = inner[0]
-
-
-@torch.compiler.disable
-def _prefetch_hook(module: torch.nn.Module, args) -> None:
-    group = _ROOTS.get(module)
-    if group is not None and id(group) in _COMPILED and _enabled():
-        group.prefetch(module)
-
-
-@torch.compiler.disable
-def _clear_hook(module: torch.nn.Module, args, output) -> None:
-    group = _ROOTS.get(module)
-    if group is not None:
-        group.clear_prefetch(module)

@@ -34,6 +34,13 @@ from ..formats import AffineFormat
 from ..formats.ggml import GGMLFormat
 from ..formats.intx import IntFormat
 
+def launch_opts() -> dict:
+    """Compiler options for every launch: libdevice's ``*_rn`` functions flush denormals to zero under
+    Triton's default ``enable_reflect_ftz=True`` (``mul.rn.ftz.f32``), which C and torch do not (a Q4_0 block
+    of amax 3e-38 has a denormal scale); nothing contracted into an FMA either (we call ``*_rn`` anyway)."""
+    return {} if INTERPRET else {"enable_reflect_ftz": False, "enable_fp_fusion": False}
+
+
 # kinds of parameter rule / code rounding
 SYM_MAX, Q8, MINMAX, INT_SYM, INT_ASYM = 0, 1, 2, 3, 4
 
@@ -166,22 +173,27 @@ if HAS_TRITON:
     @triton.jit
     def _fq_multi_kernel(WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
                          offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
-                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, WDT: tl.constexpr):
+                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, WDT: tl.constexpr, ALIGNED: tl.constexpr):
         # Many weights of one format in one launch (horizontal fusion): program -> (layer PL, first block
         # PR); per layer, the weight and scale/zero buffer addresses (WP, SP, ZP), its element offset in
         # the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
+        # ALIGNED: every weight address is a multiple of 16 bytes (the host checked), so the compiler may
+        # vectorize; an address read from memory is otherwise assumed unaligned (2-byte bf16 accesses).
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        addr = tl.load(WP + layer)
+        if ALIGNED:
+            addr = tl.multiple_of(addr, 16)
         if WDT == 0:
-            W = tl.load(WP + layer).to(tl.pointer_type(tl.float32))
+            W = addr.to(tl.pointer_type(tl.float32))
         elif WDT == 1:
-            W = tl.load(WP + layer).to(tl.pointer_type(tl.bfloat16))
+            W = addr.to(tl.pointer_type(tl.bfloat16))
         else:
-            W = tl.load(WP + layer).to(tl.pointer_type(tl.float16))
+            W = addr.to(tl.pointer_type(tl.float16))
         S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
-        off = tl.load(OFF + layer)
+        off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
         _fq_rows(W, OUT + off, MASK + off, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, True,
                  HAS_ZERO, SCALE_F16)
 
@@ -189,24 +201,28 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
-    def _mask_multi_kernel(GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr, WDT: tl.constexpr):
+    def _mask_multi_kernel(GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr, WDT: tl.constexpr,
+                           ALIGNED: tl.constexpr):
         # The STE backward of a _fq_multi_kernel launch, in place: program -> (layer PL, first block PR) as
         # there; GP holds each layer's gradient address (contiguous, the weight's dtype), MASK the flat clip
         # mask at the layer's offset OFF. ``g * mask`` as a product, as torch's ``grad * mask`` (-g*0 = -0).
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        addr = tl.load(GP + layer)
+        if ALIGNED:  # as in _fq_multi_kernel
+            addr = tl.multiple_of(addr, 16)
         if WDT == 0:
-            G = tl.load(GP + layer).to(tl.pointer_type(tl.float32))
+            G = addr.to(tl.pointer_type(tl.float32))
         elif WDT == 1:
-            G = tl.load(GP + layer).to(tl.pointer_type(tl.bfloat16))
+            G = addr.to(tl.pointer_type(tl.bfloat16))
         else:
-            G = tl.load(GP + layer).to(tl.pointer_type(tl.float16))
+            G = addr.to(tl.pointer_type(tl.float16))
         cols = tl.arange(0, BLOCK)
         rmask = (rows < tl.load(NB + layer))[:, None]
         offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
         g = tl.load(G + offs, mask=rmask, other=0.0)
-        m = tl.load(MASK + tl.load(OFF + layer) + offs, mask=rmask, other=0).to(g.dtype)
+        m = tl.load(MASK + tl.multiple_of(tl.load(OFF + layer), 16) + offs, mask=rmask, other=0).to(g.dtype)
         tl.store(G + offs, g * m, mask=rmask)
 
 
@@ -219,7 +235,7 @@ def _launch(w, out, mask, scale, zero, fmt, dynamic, launcher):
     launcher(_fq_kernel)[grid](w, out, mask, scale, zero if zero is not None else scale, n_blocks,
                                float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
                                BLOCK=block, ROWS=rows, KIND=kind, DYNAMIC=dynamic, HAS_ZERO=zero is not None,
-                               SCALE_F16=fmt.scale_dtype == torch.float16, num_warps=4)
+                               SCALE_F16=fmt.scale_dtype == torch.float16, num_warps=4, **launch_opts())
 
 
 def fused_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool):

@@ -52,7 +52,6 @@ _GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def group_of(q) -> Optional["BatchedFakeQuant"]:
     return _GROUPS.get(q)
 
-
 _WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KQ_CHUNK = 1 << 24  # elements per k-quant search call (~30 temporaries of this size, fp32)
 # Grouping pays where the search is launch-bound (GPUs). On a CPU it is compute-bound and the larger
@@ -116,7 +115,7 @@ def _mask_grads(grads: list, mask: Tensor, tab: tuple) -> None:
     weight's dtype (what the matmul backward gives), else one ``mul_`` per layer. ``torch._foreach_mul_``
     of bf16 gradients by bool masks took no fused path either: measured on an H200, 210 kernels and
     2.5 ms of host time per SmolLM2 step."""
-    _, _, _, off, nb, pl, pr, _, rows, block, sizes, shapes, dtype = tab
+    _, _, _, off, nb, pl, pr, _, rows, block, sizes, shapes, dtype, _ = tab
     if all(g is not None and g.dtype == dtype and g.is_contiguous() and g.shape == s for g, s in zip(grads, shapes)):
         ptrs = [g.data_ptr() for g in grads]
         gp = torch.tensor(ptrs, dtype=torch.int64)
@@ -184,37 +183,30 @@ class BatchedFakeQuant:
         recompute = q.recomputes(w)
         return (n_lin if recompute else 0) if detached else n_emb + (0 if recompute else n_lin)
 
-    def _by_key(self, uses_of) -> dict:
-        """The live, fusable members with ``uses_of(q, w)`` > 0, by (format, dtype, device): one launch each."""
+    def _refresh(self, w_caller: Tensor, detached: bool) -> None:
+        for key in [k for k in self.slots if k[1] == detached]:
+            del self.slots[key]
         by_key: dict = {}
         for qref, mref in self.members:
             q, m = qref(), mref()
             if q is None or m is None or not q.enabled or (q._frozen and not _is_kquant(q.fmt)):
                 continue
             w = m.weight
-            if w.dtype not in _WDT or w.shape[-1] % q.fmt.block or not w.is_contiguous() or not _fusable(q, w):
+            if (w.device != w_caller.device or w.dtype not in _WDT or w.shape[-1] % q.fmt.block
+                    or not w.is_contiguous() or not _fusable(q, w)):
                 continue
-            uses = uses_of(q, w)
+            uses = self._uses(q, w, detached)
             if uses:
-                by_key.setdefault((q.fmt.name, w.dtype, w.device), []).append((q, w, uses))
-        return by_key
-
-    def _launch_all(self, members: list, detached: bool) -> tuple[list[Tensor], _State]:
-        state = _State()
-        qs, ws = [q for q, _, _ in members], [w for _, w, _ in members]
-        if detached or not torch.is_grad_enabled():
-            with torch.no_grad():
-                return self._compute(qs, ws)[0], state  # no masks kept: nothing will run a backward for them
-        return list(_MultiSTE.apply(self, qs, state, *ws)), state
-
-    def _refresh(self, w_caller: Tensor, detached: bool) -> None:
-        for key in [k for k in self.slots if k[1] == detached]:
-            del self.slots[key]
+                by_key.setdefault((q.fmt.name, w.dtype), []).append((q, w, uses))
         grad = torch.is_grad_enabled()
-        for (_, _, device), members in self._by_key(lambda q, w: self._uses(q, w, detached)).items():
-            if device != w_caller.device:
-                continue
-            outs, state = self._launch_all(members, detached)
+        for members in by_key.values():
+            state = _State()
+            qs, ws = [q for q, _, _ in members], [w for _, w, _ in members]
+            if detached:
+                with torch.no_grad():
+                    outs = self._compute(qs, ws)[0]  # the masks are dropped here: backward recomputes them
+            else:
+                outs = _MultiSTE.apply(self, qs, state, *ws)
             for (q, w, uses), out in zip(members, outs):
                 self.slots[(id(q), detached)] = _Slot(out, uses, w._version, w.data_ptr(), grad, state)
 
@@ -231,7 +223,7 @@ class BatchedFakeQuant:
             tab = (key, self._build_tables(qs, weights, fmt))
             self._tables[(fmt.name, w0.dtype)] = tab
         tab = tab[1]
-        wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _ = tab
+        wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
         out = torch.empty(total, dtype=w0.dtype, device=w0.device)
         mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
         kind = tfq.kernel_kind(fmt)
@@ -239,10 +231,9 @@ class BatchedFakeQuant:
         tfq._fq_multi_kernel[(pl.numel(),)](
             wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
             BLOCK=fmt.block, ROWS=rows, KIND=kind, HAS_ZERO=qs[0].zero is not None,
-            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=all(k[0] % 16 == 0 for k in key),
+            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
             num_warps=4, **tfq.launch_opts())
-        # one C++ split, then a view per layer: slicing and viewing each layer apart cost ~10 us of host time
-        # per layer, exposed before the first kernel of a compiled step
+        # one C++ split, then a view per layer (slicing and viewing each layer apart: ~10 us of host time each)
         outs = [o.view(sh) for o, sh in zip(out.split(sizes), shapes)]
         return outs, (mask, tab)
 
@@ -287,7 +278,8 @@ class BatchedFakeQuant:
         i32 = dict(dtype=torch.int32, device=dev)
         return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), torch.tensor(off, **i64),
                 torch.tensor(nb, **i32), torch.tensor(pl, **i32), torch.tensor(pr, **i32), start, rows, block,
-                [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype)
+                [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype,
+                all(p % 16 == 0 for p in wp))  # every weight 16-byte aligned: the kernel may vectorize
 
 
 def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:

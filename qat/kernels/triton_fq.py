@@ -171,26 +171,33 @@ if HAS_TRITON:
         _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO, SCALE_F16)
 
     @triton.jit
+    def _table_ptr(TABLE, layer, WDT: tl.constexpr, ALIGNED: tl.constexpr):
+        """Layer ``layer``'s tensor address from an int64 table, as a pointer of the weights' dtype (WDT 0/1/2:
+        fp32/bf16/fp16). An address read from memory is assumed unaligned (2-byte bf16 accesses); ALIGNED
+        (the host checked every address is a multiple of 16 bytes) lets the compiler vectorize."""
+        addr = tl.load(TABLE + layer)
+        if ALIGNED:
+            addr = tl.multiple_of(addr, 16)
+        if WDT == 0:
+            ptr = addr.to(tl.pointer_type(tl.float32))
+        elif WDT == 1:
+            ptr = addr.to(tl.pointer_type(tl.bfloat16))
+        else:
+            ptr = addr.to(tl.pointer_type(tl.float16))
+        return ptr
+
+    @triton.jit
     def _fq_multi_kernel(WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
                          offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
                          HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, WDT: tl.constexpr, ALIGNED: tl.constexpr):
         # Many weights of one format in one launch (horizontal fusion): program -> (layer PL, first block
         # PR); per layer, the weight and scale/zero buffer addresses (WP, SP, ZP), its element offset in
         # the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
-        # ALIGNED: every weight address is a multiple of 16 bytes (the host checked), so the compiler may
-        # vectorize; an address read from memory is otherwise assumed unaligned (2-byte bf16 accesses).
+        # ALIGNED: see _table_ptr.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        addr = tl.load(WP + layer)
-        if ALIGNED:
-            addr = tl.multiple_of(addr, 16)
-        if WDT == 0:
-            W = addr.to(tl.pointer_type(tl.float32))
-        elif WDT == 1:
-            W = addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            W = addr.to(tl.pointer_type(tl.float16))
+        W = _table_ptr(WP, layer, WDT, ALIGNED)
         S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
@@ -209,15 +216,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        addr = tl.load(GP + layer)
-        if ALIGNED:  # as in _fq_multi_kernel
-            addr = tl.multiple_of(addr, 16)
-        if WDT == 0:
-            G = addr.to(tl.pointer_type(tl.float32))
-        elif WDT == 1:
-            G = addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            G = addr.to(tl.pointer_type(tl.float16))
+        G = _table_ptr(GP, layer, WDT, ALIGNED)
         cols = tl.arange(0, BLOCK)
         rmask = (rows < tl.load(NB + layer))[:, None]
         offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]

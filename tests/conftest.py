@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +54,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
         if "llama" in item.keywords and not has_llama:
             item.add_marker(pytest.mark.skip(reason="needs llama-cpp-python"))
+
+
+def run_interpreted(call: str, done: str, timeout: int = 900) -> None:
+    """Run ``call`` (Python statements, with tests/ importable) in a subprocess under Triton's CPU
+    interpreter (``TRITON_INTERPRET`` is read when triton is imported, hence the subprocess); it must exit
+    0 and print ``done``. Skipped where triton is not installed (CI's CPU-only torch)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = f"import sys; sys.path.insert(0, {str(root / 'tests')!r}); {call}"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert done in r.stdout

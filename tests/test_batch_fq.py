@@ -7,7 +7,6 @@ Runs on CUDA (gpu marker), and on CPU through Triton's interpreter when triton i
 (``pip install triton``; CI's CPU-only torch has none, so it is skipped there).
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -104,12 +103,9 @@ def test_batched_equals_per_layer_cuda():
 
 
 def test_batched_equals_per_layer_interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    code = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from test_batch_fq import _run_checks; _run_checks('cpu')"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "all checks passed" in r.stdout
+    from conftest import run_interpreted
+
+    run_interpreted("from test_batch_fq import _run_checks; _run_checks('cpu')", "all checks passed")
 
 
 @pytest.mark.parametrize("scheme", ["q4_k_m", "q3_k_m", "q2_k"])

@@ -6,7 +6,6 @@ Eager CPU here; the fused Triton path (all layers in one launch forward, the per
 backward) through Triton's CPU interpreter where triton is installed, and on CUDA (gpu marker).
 """
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 from itertools import product
@@ -316,13 +315,9 @@ def _fused_checks(device: str) -> None:
 
 
 def test_fused_path_interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-            "from test_recompute import _fused_checks; _fused_checks('cpu')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "recompute fused checks passed" in r.stdout
+    from conftest import run_interpreted
+
+    run_interpreted("from test_recompute import _fused_checks; _fused_checks('cpu')", "recompute fused checks passed")
 
 
 @pytest.mark.gpu

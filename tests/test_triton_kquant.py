@@ -2,16 +2,11 @@
 (itself bitwise llama.cpp's reference encoder and decoder), with the same codes and scales: under the Triton CPU
 interpreter (a subprocess with TRITON_INTERPRET=1; skipped without triton) and on CUDA (skipped without a GPU).
 Also: ``KQuantFormat.fake``'s first-use check of the kernel (no triton needed)."""
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 
@@ -93,13 +88,9 @@ def _check_all(device: str, big: bool = False) -> None:
 
 
 def test_kernel_bitwise_interpreted():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-            "from test_triton_kquant import _check_all; _check_all('cpu')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "triton kquant checks passed" in r.stdout
+    from conftest import run_interpreted
+
+    run_interpreted("from test_triton_kquant import _check_all; _check_all('cpu')", "triton kquant checks passed")
 
 
 @pytest.mark.gpu

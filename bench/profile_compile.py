@@ -1,7 +1,8 @@
-"""Where a compiled QAT training step's time goes: dynamo's graph/recompile counters and the profiler's
-top host and device entries for a few steady steps, against plain bf16.
+"""Where a QAT training step's time goes: dynamo's graph/recompile counters (compiled), host enqueue time
+against step time, and the profiler's top host and device entries for a few steady steps; run it for
+bf16 too and compare.
 
-    python bench/profile_compile.py --variant qat:q4_0 [--per-layer]
+    python bench/profile_compile.py --variant qat:q4_0 [--per-layer] [--eager]
 """
 import argparse
 import os
@@ -23,13 +24,14 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--per-layer", action="store_true", help="QAT_BATCHED_FQ=0: the per-layer triton_op")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--eager", action="store_true", help="profile the eager step (no torch.compile)")
     args = p.parse_args()
     if args.per_layer:
         os.environ["QAT_BATCHED_FQ"] = "0"
     model = build(args.model, args.variant, "cuda").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    f = torch.compile(model)
+    f = model if args.eager else torch.compile(model)
 
     def step():
         f(input_ids=ids, labels=ids).loss.backward()
@@ -56,8 +58,11 @@ def main():
     ka = prof.key_averages()
     print(ka.table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70))
     print(ka.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    n_kernels = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CUDA)
-    print("device entries per step:", n_kernels / 3)
+    dev = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+    print("device entries per step:", sum(e.count for e in dev) / 3)
+    # busy device time per step (sum of kernel times; overlap-free on one stream): step ms minus this is
+    # the time the GPU waited for the host
+    print("device busy ms per step: %.2f" % (sum(e.self_device_time_total for e in dev) / 3 / 1e3))
 
 
 if __name__ == "__main__":

@@ -146,8 +146,8 @@ class WeightQuantizer(_Freezable):
         and ``how``/``params`` tell ``redo`` how to give the same bits again in the backward."""
         if not self.affine or (self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling()):
             group = group_of(self)  # all layers at once (kernels/batch.py); compile traces per layer
-            if group is not None and group.active(self, w):
-                out = group.take(self, w, detached)
+            if group is not None:
+                out = group.take(self, w, detached)  # None where the group is not active or does not cover w
                 if out is not None:
                     return out, ("fused" if self.affine else "any"), ()
         if detached:
@@ -177,14 +177,15 @@ class WeightQuantizer(_Freezable):
         return fake_quantize(w, self.fmt, self.scale, self.zero), "ste", params
 
     # -- the recompute path (qat/recompute.py) ------------------------------------------------------------
-    def recomputes(self, w: Tensor) -> bool:
+    def recomputes(self, w: Tensor, switch: Optional[str] = None) -> bool:
         """Whether a ``FakeQuantLinear`` using this quantizer runs the recompute path for ``w`` now: eager
         training of ``w``, and ``QAT_RECOMPUTE`` "1", or unset with ``w`` on CUDA in an affine format and
         at least ``RECOMPUTE_MIN_NUMEL`` elements (k-quants and NF4 would repeat their scale search in the
-        backward, so they opt in with "1")."""
-        if torch.compiler.is_compiling() or not (self.enabled and w.requires_grad and torch.is_grad_enabled()):
+        backward, so they opt in with "1"). ``switch``: ``QAT_RECOMPUTE`` where the caller read it already."""
+        if not (self.enabled and w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return False
-        switch = os.environ.get("QAT_RECOMPUTE", "")
+        if switch is None:
+            switch = os.environ.get("QAT_RECOMPUTE", "")
         return switch == "1" or (switch != "0" and w.is_cuda and self.affine and w.numel() >= RECOMPUTE_MIN_NUMEL)
 
     def fake_quant_detached(self, w: Tensor) -> tuple[Tensor, str, tuple]:

@@ -94,6 +94,28 @@ def _run_checks(device: str) -> None:
         if hasattr(mod, "weight_fake_quant"):
             mod.weight_fake_quant.freeze()
     assert torch.equal(m(input_ids=ids).logits, ref)
+
+    # one format in two groups of one step: the Linears, the tied lm_head among them, recompute in their
+    # backward (detached group) while the embedding keeps its mask (grad group), all q4_1 (SmolLM2's q4_k_m
+    # had this: its tied lm_head is big enough to recompute). Each member set's program table is built once,
+    # not twice per step (the eval forward's single group has the detached one's members); and the steps
+    # equal the per-layer path's
+    from qat.kernels import batch
+
+    built = []
+    orig = batch.BatchedFakeQuant._build_tables
+    batch.BatchedFakeQuant._build_tables = staticmethod(lambda qs, ws, fmt: built.append(fmt.name) or orig(qs, ws, fmt))
+    os.environ["QAT_RECOMPUTE"] = "1"
+    try:
+        tied = {"embed_tokens": "q4_1", "lm_head": "q4_1"}
+        a = run(True, "q4_1", tie=True, rules=tied)
+        b = run(False, "q4_1", tie=True, rules=tied)
+    finally:
+        batch.BatchedFakeQuant._build_tables = staticmethod(orig)
+        del os.environ["QAT_RECOMPUTE"]
+    assert built == ["q4_1"] * 2, built  # 3 steps and an eval forward
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[3], b[3])
+    assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
     print("batched fake quant: all checks passed")
 
 

@@ -60,10 +60,15 @@ KQ_CHUNK = 1 << 24  # elements per k-quant search call (~30 temporaries of this 
 KQ_ON_CPU = False
 
 
-def _is_kquant(fmt) -> bool:
-    from ..formats.kquants import KQuantFormat
+_KQ_CLASS: list = []  # KQuantFormat, imported on first use (formats import this module's users)
 
-    return isinstance(fmt, KQuantFormat)
+
+def _is_kquant(fmt) -> bool:
+    if not _KQ_CLASS:
+        from ..formats.kquants import KQuantFormat
+
+        _KQ_CLASS.append(KQuantFormat)
+    return isinstance(fmt, _KQ_CLASS[0])
 
 
 def _enabled() -> bool:
@@ -73,12 +78,14 @@ def _enabled() -> bool:
     return not (d.is_available() and d.is_initialized() and d.get_world_size() > 1)
 
 
-def _fusable(q, w: Tensor) -> bool:
-    """Can the group compute this quantizer's weight? (k-quants: anywhere; the rest: the Triton kernel)"""
+def _fusable(q, w: Tensor, triton_on: Optional[bool] = None) -> bool:
+    """Can the group compute this quantizer's weight? (k-quants: anywhere; the rest: the Triton kernel)
+    ``triton_on``: the Triton switch, where the caller read it once for many weights."""
     if _is_kquant(q.fmt):
         return w.device.type != "cpu" or KQ_ON_CPU
-    return (tfq.HAS_TRITON and not os.environ.get("QAT_DISABLE_TRITON") and (w.is_cuda or tfq.INTERPRET)
-            and w.dtype in _WDT)
+    if triton_on is None:
+        triton_on = tfq.HAS_TRITON and not os.environ.get("QAT_DISABLE_TRITON")
+    return triton_on and (w.is_cuda or tfq.INTERPRET) and w.dtype in _WDT
 
 
 class _State:
@@ -164,6 +171,10 @@ class BatchedFakeQuant:
         key = (id(q), detached)
         slot = self.slots.get(key)
         if slot is None or not self._valid(slot, w):
+            # checked on a miss only: a valid slot was computed in this forward, while the group was active
+            # (an eager step is host-bound: these checks on every layer cost ~2 us each, x 210 in SmolLM2)
+            if not self.active(q, w):
+                return None
             self._refresh(w, detached)
             slot = self.slots.get(key)
             if slot is None or slot.ptr != w.data_ptr():
@@ -177,25 +188,30 @@ class BatchedFakeQuant:
         return (not slot.state.backward_ran and slot.grad == torch.is_grad_enabled()
                 and slot.version == w._version and slot.ptr == w.data_ptr())
 
-    def _uses(self, q, w: Tensor, detached: bool) -> int:
-        """How many modules take ``q``'s slot in this mode: Linears that recompute take detached ones."""
+    def _uses(self, q, w: Tensor, detached: bool, switch: Optional[str] = None) -> int:
+        """How many modules take ``q``'s slot in this mode: Linears that recompute take detached ones.
+        ``switch``: ``QAT_RECOMPUTE`` as the caller read it (once for all members)."""
         n_lin, n_emb = self.users[id(q)]
-        recompute = q.recomputes(w)
+        recompute = q.recomputes(w, switch) if n_lin else False
         return (n_lin if recompute else 0) if detached else n_emb + (0 if recompute else n_lin)
 
     def _refresh(self, w_caller: Tensor, detached: bool) -> None:
         for key in [k for k in self.slots if k[1] == detached]:
             del self.slots[key]
         by_key: dict = {}
+        # the switches, read once here rather than once per member
+        triton_on = tfq.HAS_TRITON and not os.environ.get("QAT_DISABLE_TRITON")
+        switch = os.environ.get("QAT_RECOMPUTE", "")
+        dev = w_caller.device
         for qref, mref in self.members:
             q, m = qref(), mref()
             if q is None or m is None or not q.enabled or (q._frozen and not _is_kquant(q.fmt)):
                 continue
             w = m.weight
-            if (w.device != w_caller.device or w.dtype not in _WDT or w.shape[-1] % q.fmt.block
-                    or not w.is_contiguous() or not _fusable(q, w)):
+            if (w.device != dev or w.dtype not in _WDT or w.shape[-1] % q.fmt.block
+                    or not w.is_contiguous() or not _fusable(q, w, triton_on)):
                 continue
-            uses = self._uses(q, w, detached)
+            uses = self._uses(q, w, detached, switch)
             if uses:
                 by_key.setdefault((q.fmt.name, w.dtype), []).append((q, w, uses))
         grad = torch.is_grad_enabled()
@@ -216,13 +232,16 @@ class BatchedFakeQuant:
         fmt, w0 = qs[0].fmt, weights[0]
         if _is_kquant(fmt):
             return self._compute_kquant(fmt, weights), None
-        key = tuple((w.data_ptr(), q.scale.data_ptr(), None if q.zero is None else q.zero.data_ptr(), w.numel())
-                    for q, w in zip(qs, weights))
-        tab = self._tables.get((fmt.name, w0.dtype))
-        if tab is None or tab[0] != key:
-            tab = (key, self._build_tables(qs, weights, fmt))
-            self._tables[(fmt.name, w0.dtype)] = tab
-        tab = tab[1]
+        # keyed by the members themselves: one format can have two groups in one step (the grad one, and the
+        # detached one of layers that recompute in their backward, e.g. a tied lm_head), and a table keyed by
+        # format alone was rebuilt twice per step (measured on an H200, SmolLM2 q4_k_m: 16 ms of host time)
+        key = (fmt.name, tuple((w.data_ptr(), q.scale.data_ptr(), None if q.zero is None else q.zero.data_ptr(),
+                                w.numel()) for q, w in zip(qs, weights)))
+        tab = self._tables.get(key)
+        if tab is None:
+            if len(self._tables) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
+                del self._tables[next(iter(self._tables))]
+            tab = self._tables[key] = self._build_tables(qs, weights, fmt)
         wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
         out = torch.empty(total, dtype=w0.dtype, device=w0.device)
         mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
@@ -261,23 +280,23 @@ class BatchedFakeQuant:
         dev = weights[0].device
         block = fmt.block
         rows = max(1, 4096 // block)
-        wp, sp, zp, off, nb, pl, pr = [], [], [], [], [], [], []
-        start = 0
-        for i, (q, w) in enumerate(zip(qs, weights)):
-            n_blocks = w.numel() // block
-            wp.append(w.data_ptr())
-            sp.append(q.scale.data_ptr())
-            zp.append((q.zero if q.zero is not None else q.scale).data_ptr())
-            off.append(start)
-            nb.append(n_blocks)
-            for r in range(0, n_blocks, rows):
-                pl.append(i)
-                pr.append(r)
-            start += w.numel()
+        wp = [w.data_ptr() for w in weights]
+        sp = [q.scale.data_ptr() for q in qs]
+        zp = [(q.zero if q.zero is not None else q.scale).data_ptr() for q in qs]
+        sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
+        off = torch.cumsum(sizes, 0) - sizes
+        nb = sizes // block
+        # program p -> (layer pl[p], first block pr[p]): each layer's blocks in runs of ``rows``, built with
+        # tensor ops (a Python loop over SmolLM2's ~12k programs took 8 ms per step under cProfile on an H200's host)
+        per_layer = (nb + rows - 1) // rows
+        pl = torch.repeat_interleave(torch.arange(len(weights)), per_layer)
+        first = torch.cumsum(per_layer, 0) - per_layer
+        pr = (torch.arange(pl.numel()) - first[pl]) * rows
+        start = int(sizes.sum())
         i64 = dict(dtype=torch.int64, device=dev)
         i32 = dict(dtype=torch.int32, device=dev)
-        return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), torch.tensor(off, **i64),
-                torch.tensor(nb, **i32), torch.tensor(pl, **i32), torch.tensor(pr, **i32), start, rows, block,
+        return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), off.to(**i64),
+                nb.to(**i32), pl.to(**i32), pr.to(**i32), start, rows, block,
                 [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype,
                 all(p % 16 == 0 for p in wp))  # every weight 16-byte aligned: the kernel may vectorize
 

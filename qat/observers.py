@@ -144,6 +144,10 @@ class WeightQuantizer(_Freezable):
     def _fake_quant(self, w: Tensor, detached: bool = False) -> tuple[Tensor, str, tuple]:
         """``(w_hat, how, params)``. ``detached`` (the recompute path, qat/recompute.py): no autograd graph,
         and ``how``/``params`` tell ``redo`` how to give the same bits again in the backward."""
+        if torch.compiler.is_compiling():
+            w_hat = getattr(self, "_w_hat", None)  # set while a compiled forward runs the group op (kernels/batch.py)
+            if w_hat is not None:
+                return w_hat, ("fused" if self.affine else "any"), ()
         if not self.affine or (self.observer == "dynamic" and not self._frozen and not torch.compiler.is_compiling()):
             group = group_of(self)  # all layers at once (kernels/batch.py); compile traces per layer
             if group is not None:

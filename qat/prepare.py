@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .formats import QTensor, QuantError, check_finite, get_format
-from .kernels.batch import attach as attach_batch
+from .kernels.batch import attach as attach_batch, unpatch_forward
 from .modules import FakeQuantEmbedding, FakeQuantLinear, is_fake_quant
 from .observers import ActQuantizer, WeightQuantizer
 from .plan import LayerSpec, build_plan
@@ -211,6 +211,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     for name, m in list(fake_quant_modules(model)):
         parent, child = _parent(model, name)
         setattr(parent, child, m.to_float())
+    unpatch_forward(model)
     return model
 
 

@@ -103,15 +103,15 @@ def _run_checks(device: str) -> None:
     from qat.kernels import batch
 
     built = []
-    orig = batch.BatchedFakeQuant._build_tables
-    batch.BatchedFakeQuant._build_tables = staticmethod(lambda qs, ws, fmt: built.append(fmt.name) or orig(qs, ws, fmt))
+    orig = batch._tables_for
+    batch._tables_for = lambda ws, ss, zs, fmt: built.append(fmt.name) or orig(ws, ss, zs, fmt)
     os.environ["QAT_RECOMPUTE"] = "1"
     try:
         tied = {"embed_tokens": "q4_1", "lm_head": "q4_1"}
         a = run(True, "q4_1", tie=True, rules=tied)
         b = run(False, "q4_1", tie=True, rules=tied)
     finally:
-        batch.BatchedFakeQuant._build_tables = staticmethod(orig)
+        batch._tables_for = orig
         del os.environ["QAT_RECOMPUTE"]
     assert built == ["q4_1"] * 2, built  # 3 steps and an eval forward
     assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[3], b[3])
@@ -119,9 +119,113 @@ def _run_checks(device: str) -> None:
     print("batched fake quant: all checks passed")
 
 
+def _compile_checks(device: str) -> None:
+    """Under torch.compile every fusable layer's fake quant is one ``qat::fake_quant_group`` op per format
+    and dtype (kernels/batch.py): one launch per step, no graph break, no ``_w_hat`` left behind, and the
+    same bits as the path it replaces. CPU (Triton's interpreter): aot_eager, against eager. CUDA: inductor,
+    against the per-layer compiled op (inductor also rewrites the rest of the model, so not against eager),
+    and k-quants, whose op output is checked against their reference ``fake``."""
+    import copy
+    import inspect
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_llama
+
+    import qat
+    from qat.formats import get_format
+    from qat.kernels import batch
+
+    launches = []
+    orig_launch, orig_kq = batch._multi_launch, batch._kquant_flat
+    batch._multi_launch = lambda *a: launches.append(len(a[0])) or orig_launch(*a)
+    batch._kquant_flat = lambda fmt, ws: launches.append(len(ws)) or orig_kq(fmt, ws)
+    backend = "inductor" if device == "cuda" else "aot_eager"
+
+    def run(mode, scheme, rules=None, dtype=torch.float32, width=64, steps=3):
+        """mode: eager | group (compiled) | per-layer (compiled with QAT_BATCHED_FQ=0)"""
+        os.environ["QAT_BATCHED_FQ"] = "0" if mode == "per-layer" else "1"
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        m = tiny_llama(vocab=256, hidden=width, inter=2 * width, layers=2, tie=True)
+        qat.prepare(m, scheme, rules=rules)
+        m = m.to(device=device, dtype=dtype)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        f = m if mode == "eager" else torch.compile(m, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        losses, grads, n0 = [], [], len(launches)
+        for _ in range(steps):
+            ids = torch.randint(0, 256, (2, 16), generator=g).to(device)
+            loss = f(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach().float().cpu())
+            grads.append([p.grad.detach().float().cpu() for p in m.parameters() if p.grad is not None])
+            opt.step()
+            opt.zero_grad()
+        left = [n for n, x in m.named_modules() if getattr(x, "_w_hat", None) is not None]
+        assert not left, left
+        state = {k: v.float().cpu() for k, v in m.state_dict().items()}
+        return m, losses, grads, state, launches[n0:], sum(counters["graph_break"].values())
+
+    def same(a, b, what):
+        assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])), (what, "losses", a[1], b[1])
+        assert all(len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)) for x, y in zip(a[2], b[2])), (what, "grads")
+        assert a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3]), (what, "state")
+
+    tied = {"embed_tokens": "q4_1", "lm_head": "q4_1"}
+    cases = [("q4_0", None, torch.float32, 14), ("q4_1", tied, torch.float32, 15)]
+    if device == "cuda":
+        cases.append(("q8_0", None, torch.bfloat16, 14))
+    for scheme, rules, dtype, n in cases:
+        ref = run("eager" if device == "cpu" else "per-layer", scheme, rules, dtype)
+        grp = run("group", scheme, rules, dtype)
+        assert grp[4] == [n] * 3, (scheme, grp[4])  # one launch per step, every layer in it
+        assert grp[5] == 0 and ref[5] == 0, (scheme, "graph breaks", grp[5], ref[5])
+        same(grp, ref, scheme)
+    os.environ["QAT_BATCHED_FQ"] = "1"
+
+    if device == "cuda":  # k-quants (256-multiple widths, so Q4_K/Q6_K apply): the op is the reference bits
+        grp = run("group", "q4_k_m", width=256, steps=2)
+        assert grp[5] == 0 and len(grp[4]) >= 2, grp[4:]
+        ws = [torch.randn(256, 512, device=device) * 0.02 for _ in range(3)]
+        for name in ("q4_k", "q6_k", "q3_k"):
+            out, mask = torch.ops.qat.fake_quant_group(ws, [], [], name)
+            fmt = get_format(name)
+            assert mask.numel() == 0 and torch.equal(out, torch.cat([fmt.fake(w).reshape(-1) for w in ws])), name
+
+    # the group forward: on the members' lowest called module (a ModuleList is iterated, not called), with
+    # the class forward's signature (HF inspects it); deepcopy rebinds it to the copy; unprepare removes it
+    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=True)
+    qat.prepare(m, "q4_0")
+    owners = [x for x in m.modules() if "_qat_compile_members" in x.__dict__]
+    assert owners == [m.model], owners
+    assert inspect.signature(m.model.forward) == inspect.signature(type(m.model).forward.__get__(m.model))
+    c = copy.deepcopy(m)
+    assert c.model.forward.__self__ is c.model
+    assert all(any(x is y for y in c.modules()) for _, x in c.model._qat_compile_members)
+    qat.unprepare(m)
+    assert "forward" not in m.model.__dict__ and "_qat_compile_members" not in m.model.__dict__
+    batch._multi_launch, batch._kquant_flat = orig_launch, orig_kq
+    print("compiled group: all checks passed")
+
+
 @pytest.mark.gpu
 def test_batched_equals_per_layer_cuda():
     _run_checks("cuda")
+
+
+@pytest.mark.gpu
+def test_compiled_group_cuda():
+    _compile_checks("cuda")
+
+
+def test_compiled_group_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_batch_fq import _compile_checks; _compile_checks('cpu')", "all checks passed")
 
 
 def test_batched_equals_per_layer_interpreted():

@@ -229,76 +229,94 @@ class BatchedFakeQuant:
     # -- the launch ------------------------------------------------------------------------------------
     def _compute(self, qs: list, weights) -> tuple[list[Tensor], Optional[tuple]]:
         """Every weight's ``w_hat`` (views of one buffer) and, for the backward, ``(flat mask, tables)``."""
-        fmt, w0 = qs[0].fmt, weights[0]
+        fmt = qs[0].fmt
         if _is_kquant(fmt):
             return self._compute_kquant(fmt, weights), None
-        # keyed by the members themselves: one format can have two groups in one step (the grad one, and the
-        # detached one of layers that recompute in their backward, e.g. a tied lm_head), and a table keyed by
-        # format alone was rebuilt twice per step (measured on an H200, SmolLM2 q4_k_m: 16 ms of host time)
-        key = (fmt.name, tuple((w.data_ptr(), q.scale.data_ptr(), None if q.zero is None else q.zero.data_ptr(),
-                                w.numel()) for q, w in zip(qs, weights)))
-        tab = self._tables.get(key)
-        if tab is None:
-            if len(self._tables) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
-                del self._tables[next(iter(self._tables))]
-            tab = self._tables[key] = self._build_tables(qs, weights, fmt)
-        wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
-        out = torch.empty(total, dtype=w0.dtype, device=w0.device)
-        mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
-        kind = tfq.kernel_kind(fmt)
         self.launches += 1
-        tfq._fq_multi_kernel[(pl.numel(),)](
-            wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
-            BLOCK=fmt.block, ROWS=rows, KIND=kind, HAS_ZERO=qs[0].zero is not None,
-            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
-            num_warps=4, **tfq.launch_opts())
+        out, mask, tab = _multi_launch(weights, [q.scale for q in qs], [q.zero for q in qs], fmt, self._tables)
         # one C++ split, then a view per layer (slicing and viewing each layer apart: ~10 us of host time each)
-        outs = [o.view(sh) for o, sh in zip(out.split(sizes), shapes)]
+        outs = [o.view(sh) for o, sh in zip(out.split(tab[10]), tab[11])]
         return outs, (mask, tab)
 
     def _compute_kquant(self, fmt, weights) -> list[Tensor]:
         """Every weight's k-quant ``w_hat``: the layers concatenated (as super-blocks) and searched in chunks."""
-        w0 = weights[0]
-        out = torch.empty(sum(w.numel() for w in weights), dtype=w0.dtype, device=w0.device)
-        chunk, start, pos = [], 0, 0
-        for i, w in enumerate(weights):
-            chunk.append(w.detach().reshape(-1))
-            pos += w.numel()
-            if pos - start >= KQ_CHUNK or i == len(weights) - 1:
-                flat = chunk[0] if len(chunk) == 1 else torch.cat(chunk)
-                out[start:pos] = fmt.fake(flat.reshape(-1, fmt.block)).reshape(-1)  # cast to w's dtype here
-                self.launches += 1
-                chunk, start = [], pos
+        out, launches = _kquant_flat(fmt, weights)
+        self.launches += launches
         outs, start = [], 0
         for w in weights:
             outs.append(out[start:start + w.numel()].view(w.shape))
             start += w.numel()
         return outs
 
-    @staticmethod
-    def _build_tables(qs, weights, fmt):
-        dev = weights[0].device
-        block = fmt.block
-        rows = max(1, 4096 // block)
-        wp = [w.data_ptr() for w in weights]
-        sp = [q.scale.data_ptr() for q in qs]
-        zp = [(q.zero if q.zero is not None else q.scale).data_ptr() for q in qs]
-        sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
-        off = torch.cumsum(sizes, 0) - sizes
-        nb = sizes // block
-        # program p -> (layer pl[p], first block pr[p]): each layer's blocks in runs of ``rows``, built with
-        # tensor ops (a Python loop over SmolLM2's ~12k programs took 8 ms per step under cProfile on an H200's host)
-        per_layer = (nb + rows - 1) // rows
-        pl = torch.repeat_interleave(torch.arange(len(weights)), per_layer)
-        first = torch.cumsum(per_layer, 0) - per_layer
-        pr = (torch.arange(pl.numel()) - first[pl]) * rows
-        start = int(sizes.sum())
-        i64 = dict(dtype=torch.int64, device=dev)
-        i32 = dict(dtype=torch.int32, device=dev)
-        return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), off.to(**i64),
-                nb.to(**i32), pl.to(**i32), pr.to(**i32), start, rows, block,
-                [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype,
-                all(p % 16 == 0 for p in wp))  # every weight 16-byte aligned: the kernel may vectorize
+
+def _kquant_flat(fmt, weights) -> tuple[Tensor, int]:
+    """``(flat w_hat of all weights, calls)``: one k-quant format's weights concatenated (as super-blocks)
+    and searched in chunks of at most ``KQ_CHUNK`` elements."""
+    w0 = weights[0]
+    out = torch.empty(sum(w.numel() for w in weights), dtype=w0.dtype, device=w0.device)
+    chunk, start, pos, calls = [], 0, 0, 0
+    for i, w in enumerate(weights):
+        chunk.append(w.detach().reshape(-1))
+        pos += w.numel()
+        if pos - start >= KQ_CHUNK or i == len(weights) - 1:
+            flat = chunk[0] if len(chunk) == 1 else torch.cat(chunk)
+            out[start:pos] = fmt.fake(flat.reshape(-1, fmt.block)).reshape(-1)  # cast to w's dtype here
+            calls += 1
+            chunk, start = [], pos
+    return out, calls
+
+
+def _multi_launch(weights, scales, zeros, fmt, cache: dict) -> tuple[Tensor, Tensor, tuple]:
+    """One ``_fq_multi_kernel`` launch over ``weights`` (one format and dtype; the dynamic rule, whose
+    parameters it writes into ``scales``/``zeros`` in place): ``(flat w_hat, flat uint8 clip mask, tables)``.
+    ``cache``: the program tables by member set."""
+    w0 = weights[0]
+    # keyed by the members themselves: one format can have two groups in one step (the grad one, and the
+    # detached one of layers that recompute in their backward, e.g. a tied lm_head), and a table keyed by
+    # format alone was rebuilt twice per step (measured on an H200, SmolLM2 q4_k_m: 16 ms of host time)
+    key = (fmt.name, tuple((w.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(), w.numel())
+                           for w, s, z in zip(weights, scales, zeros)))
+    tab = cache.get(key)
+    if tab is None:
+        if len(cache) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
+            del cache[next(iter(cache))]
+        tab = cache[key] = _tables_for(weights, scales, zeros, fmt)
+    wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
+    out = torch.empty(total, dtype=w0.dtype, device=w0.device)
+    mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
+    tfq._fq_multi_kernel[(pl.numel(),)](
+        wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
+        BLOCK=fmt.block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
+        SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
+        num_warps=4, **tfq.launch_opts())
+    return out, mask, tab
+
+
+def _tables_for(weights, scales, zeros, fmt):
+    """The multi-layer kernels' program tables: every weight's, scale's and zero's address, its offset in the
+    flat output and its block count, and program -> (layer, first block)."""
+    dev = weights[0].device
+    block = fmt.block
+    rows = max(1, 4096 // block)
+    wp = [w.data_ptr() for w in weights]
+    sp = [s.data_ptr() for s in scales]
+    zp = [(z if z is not None else s).data_ptr() for s, z in zip(scales, zeros)]
+    sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
+    off = torch.cumsum(sizes, 0) - sizes
+    nb = sizes // block
+    # program p -> (layer pl[p], first block pr[p]): each layer's blocks in runs of ``rows``, built with
+    # tensor ops (a Python loop over SmolLM2's ~12k programs took 8 ms per step under cProfile on an H200's host)
+    per_layer = (nb + rows - 1) // rows
+    pl = torch.repeat_interleave(torch.arange(len(weights)), per_layer)
+    first = torch.cumsum(per_layer, 0) - per_layer
+    pr = (torch.arange(pl.numel()) - first[pl]) * rows
+    start = int(sizes.sum())
+    i64 = dict(dtype=torch.int64, device=dev)
+    i32 = dict(dtype=torch.int32, device=dev)
+    return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), off.to(**i64),
+            nb.to(**i32), pl.to(**i32), pr.to(**i32), start, rows, block,
+            [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype,
+            all(p % 16 == 0 for p in wp))  # every weight 16-byte aligned: the kernel may vectorize
 
 
 def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
@@ -317,5 +335,163 @@ def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
     group = BatchedFakeQuant([tuple(v) for v in counts.values()])
     for q, *_ in counts.values():
         _GROUPS[q] = group
+    if tfq.HAS_TRITON:
+        _patch_forward(model, [(q, m) for q, m, _, _ in counts.values()])
     return group
 
+
+
+# -- torch.compile: every layer's fake quant in one opaque op -------------------------------------------------
+# Under torch.compile the group above is off (its slots are host-side state); each layer then ran its own
+# traced ``qat::fake_quant`` kernel, and the compiled step paid per layer for the launch, two allocations
+# and the backward's ``grad * mask`` kernel: measured on an H200, SmolLM2-135M, 210 layers, +17 ms of host
+# time per step against compiled bf16 (batch 1 x 32, host-bound), and at batch 8 x 2048 the GPU waited on
+# it (83 ms against 73 ms). Here one op per (format, dtype) computes every ``w_hat`` into one flat buffer
+# at the start of the forward, and its backward is one ``grad * mask`` over the flat gradient:
+#
+# * ``qat::fake_quant_group`` is a ``custom_op`` (opaque to inductor: its implementation runs as it is,
+#   builds the multi-layer kernel's address tables on the host and launches it once; a ``triton_op`` could
+#   not, since fake tensors have no addresses). With the dynamic rule the kernel writes each observer's
+#   scale/zero buffers in place, as eager does; nothing in the graph reads them.
+# * the fake quant has to run before the first layer and its results reach every layer in the same trace:
+#   the members' lowest common module gets a ``forward`` that, while dynamo traces it, sets each
+#   quantizer's ``_w_hat`` to its view of the flat output, runs the module's own forward and clears them
+#   again (no state outlives the call). Outside torch.compile it only calls the module's forward.
+# * a member not used in a forward gets a zero gradient (its slice of the flat one), not None.
+if tfq.HAS_TRITON:
+
+    @torch.library.custom_op("qat::fake_quant_group", mutates_args=())
+    def _fq_group_op(ws: list[Tensor], scales: list[Tensor], zeros: list[Tensor], fmt_name: str) -> tuple[Tensor, Tensor]:
+        from ..formats import get_format
+
+        fmt = get_format(fmt_name)
+        if _is_kquant(fmt):
+            out, _ = _kquant_flat(fmt, ws)
+            return out, out.new_empty(0, dtype=torch.uint8)
+        ws = [w.detach() for w in ws]
+        out, mask, _ = _multi_launch(ws, scales, list(zeros) or [None] * len(ws), fmt, _COMPILED_TABLES)
+        return out, mask
+
+    @_fq_group_op.register_fake
+    def _fq_group_fake(ws, scales, zeros, fmt_name):
+        from ..formats import get_format
+
+        total = sum(w.numel() for w in ws)
+        kq = _is_kquant(get_format(fmt_name))
+        return ws[0].new_empty(total), ws[0].new_empty(0 if kq else total, dtype=torch.uint8)
+
+    def _fq_group_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.shapes = [w.shape for w in inputs[0]]
+        ctx.n_params = (len(inputs[1]), len(inputs[2]))
+
+    def _fq_group_backward(ctx, grad, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        if mask.numel():  # the STE clip mask (k-quants: plain STE, the gradient passes as it is)
+            grad = grad * mask  # as torch's grad * mask of the eager path, bitwise (-g*0 = -0)
+        sizes = [s.numel() for s in ctx.shapes]
+        n_scales, n_zeros = ctx.n_params  # the returned structure must be the inputs' (lists included)
+        return [g.view(s) for g, s in zip(grad.split(sizes), ctx.shapes)], [None] * n_scales, [None] * n_zeros, None
+
+    _fq_group_op.register_autograd(_fq_group_backward, setup_context=_fq_group_setup)
+
+_COMPILED_TABLES: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _compile_group_on() -> bool:
+    """Read when dynamo traces a forward (not guarded on): ``QAT_BATCHED_FQ=0`` or more than one process
+    (DDP/FSDP: shards, and gradient hooks per parameter) keep the per-layer op."""
+    return tfq.HAS_TRITON and _enabled_env()
+
+
+def _enabled_env() -> bool:
+    if os.environ.get("QAT_BATCHED_FQ", "1") == "0":
+        return False
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized() and d.get_world_size() > 1)
+
+
+def _stash(members) -> list:
+    """Sets ``q._w_hat`` for every member that takes the group op now (see above); returns those quantizers."""
+    by_key: dict = {}
+    for q, m in members:
+        if not q.enabled or q._frozen:
+            continue
+        w = m.weight
+        if w.dtype not in _WDT or w.shape[-1] % q.fmt.block or not w.is_contiguous():
+            continue
+        if _is_kquant(q.fmt):
+            if not w.is_cuda:
+                continue
+        elif not (w.is_cuda or tfq.INTERPRET) or q.observer != "dynamic" or tfq.kernel_kind(q.fmt) is None:
+            continue
+        by_key.setdefault((q.fmt.name, w.dtype, w.device), []).append((q, w))
+    done = []
+    for (name, _, _), mem in by_key.items():
+        qs, ws = [q for q, _ in mem], [w for _, w in mem]
+        kq = _is_kquant(qs[0].fmt)
+        scales = [] if kq else [q.scale for q in qs]
+        zeros = [] if kq or qs[0].zero is None else [q.zero for q in qs]
+        out, _ = torch.ops.qat.fake_quant_group(ws, scales, zeros, name)
+        for q, w, v in zip(qs, ws, out.split([w.numel() for w in ws])):
+            q._w_hat = v.view(w.shape)
+            done.append(q)
+    return done
+
+
+def _group_forward(self, *args, **kwargs):
+    """The forward of a prepared model's module that holds every fusable layer (see above)."""
+    fwd = type(self).forward
+    if not (torch.compiler.is_compiling() and _compile_group_on()):
+        return fwd(self, *args, **kwargs)
+    stashed = _stash(self._qat_compile_members)
+    try:
+        return fwd(self, *args, **kwargs)
+    finally:
+        for q in stashed:
+            q._w_hat = None
+
+
+def _patch_forward(model: torch.nn.Module, members: list) -> None:
+    """Give the lowest module holding every member (quantizer, module) the group forward, unless something
+    (accelerate's hooks, say) already set an instance ``forward``: then compile keeps the per-layer op."""
+    import functools
+    import types
+
+    names = {id(m): n for n, m in model.named_modules()}
+    paths = [names[id(m)].split(".") if names[id(m)] else [] for _, m in members]
+    common = paths[0]
+    for p in paths[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    # the lowest module that is itself called: not a member (a single layer: its parent runs it), and not a
+    # container without a forward of its own (ModuleList, ModuleDict: their parent iterates them)
+    member_ids = {id(m) for _, m in members}
+    while True:
+        owner = model.get_submodule(".".join(common))
+        if id(owner) not in member_ids and type(owner).forward is not torch.nn.Module.forward:
+            break
+        if not common:
+            return
+        common = common[:-1]
+    if "forward" in owner.__dict__:
+        return
+    @functools.wraps(type(owner).forward)  # keeps the signature (HF inspects it) and the docstring
+    def forward(self, *args, **kwargs):
+        return _group_forward(self, *args, **kwargs)
+
+    # bound to ``owner``: deepcopy rebinds it to the copy; pickle stores it as getattr(owner, "forward"), so
+    # a loaded model runs its class's forward (the per-layer op under compile)
+    owner.forward = types.MethodType(forward, owner)
+    owner._qat_compile_members = members
+
+
+def unpatch_forward(model: torch.nn.Module) -> None:
+    """Undo ``_patch_forward`` (``qat.unprepare``)."""
+    for m in model.modules():
+        if "_qat_compile_members" in m.__dict__:
+            del m.__dict__["_qat_compile_members"]
+            m.__dict__.pop("forward", None)

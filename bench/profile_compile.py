@@ -25,6 +25,7 @@ def main():
     p.add_argument("--per-layer", action="store_true", help="QAT_BATCHED_FQ=0: the per-layer triton_op")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--eager", action="store_true", help="profile the eager step (no torch.compile)")
+    p.add_argument("--gaps", type=int, default=15, help="print this many of the largest GPU idle gaps")
     args = p.parse_args()
     if args.per_layer:
         os.environ["QAT_BATCHED_FQ"] = "0"
@@ -43,6 +44,8 @@ def main():
     torch.cuda.synchronize()
     from torch._dynamo.utils import counters
     print("dynamo stats:", dict(counters["stats"]), "graph breaks:", sum(counters["graph_break"].values()))
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    m0 = torch.cuda.memory_stats()
     t = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -50,6 +53,8 @@ def main():
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t.append((t1 - t0, time.perf_counter() - t0))
+    m1 = torch.cuda.memory_stats()
+    print("allocator over 5 steps:", {k: m1.get(k, 0) - m0.get(k, 0) for k in keys})
     print("host enqueue ms / step ms:", [(round(a * 1e3, 1), round(b * 1e3, 1)) for a, b in t])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
@@ -63,6 +68,19 @@ def main():
     # busy device time per step (sum of kernel times; overlap-free on one stream): step ms minus this is
     # the time the GPU waited for the host
     print("device busy ms per step: %.2f" % (sum(e.self_device_time_total for e in dev) / 3 / 1e3))
+    # where the GPU waits: the largest gaps between consecutive kernels, with the kernels around them
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    kernels = sorted((e for e in trace if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    gaps = [(b["ts"] - (a["ts"] + a["dur"]), a["name"], b["name"]) for a, b in zip(kernels, kernels[1:])]
+    print("GPU idle between kernels, ms per step: %.2f; largest gaps (us, before -> after):" % (
+        sum(g for g, _, _ in gaps if g > 0) / 3 / 1e3))
+    for g, a, b in sorted(gaps, reverse=True)[:args.gaps]:
+        print(f"  {g:9.1f}  {a[:60]} -> {b[:60]}")
 
 
 if __name__ == "__main__":

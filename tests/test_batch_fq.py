@@ -170,10 +170,11 @@ def _compile_checks(device: str) -> None:
         state = {k: v.float().cpu() for k, v in m.state_dict().items()}
         return m, losses, grads, state, launches[n0:], sum(counters["graph_break"].values())
 
-    def same(a, b, what):
+    def same(a, b, what, exact=True):
         assert all(torch.equal(x, y) for x, y in zip(a[1], b[1])), (what, "losses", a[1], b[1])
-        assert all(len(x) == len(y) and all(torch.equal(u, v) for u, v in zip(x, y)) for x, y in zip(a[2], b[2])), (what, "grads")
-        assert a[3].keys() == b[3].keys() and all(torch.equal(a[3][k], b[3][k]) for k in a[3]), (what, "state")
+        eq = torch.equal if exact else (lambda u, v: torch.allclose(u, v, rtol=1e-5, atol=1e-7))
+        assert all(len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y)) for x, y in zip(a[2], b[2])), (what, "grads")
+        assert a[3].keys() == b[3].keys() and all(eq(a[3][k], b[3][k]) for k in a[3]), (what, "state")
 
     tied = {"embed_tokens": "q4_1", "lm_head": "q4_1"}
     cases = [("q4_0", None, torch.float32, 14), ("q4_1", tied, torch.float32, 15)]
@@ -184,8 +185,29 @@ def _compile_checks(device: str) -> None:
         grp = run("group", scheme, rules, dtype)
         assert grp[4] == [n] * 3, (scheme, grp[4])  # one launch per step, every layer in it
         assert grp[5] == 0 and ref[5] == 0, (scheme, "graph breaks", grp[5], ref[5])
-        same(grp, ref, scheme)
+        # CUDA: the losses are bitwise; the gradients only close, since inductor schedules the rest of the
+        # backward differently around one op than around 14 (the fake quant's own bits are checked below)
+        same(grp, ref, scheme, exact=device == "cpu")
     os.environ["QAT_BATCHED_FQ"] = "1"
+
+    # the op's w_hat, mask and dynamic scales: bitwise the per-layer kernel's (bf16 on CUDA only: the
+    # interpreter truncates fp32 -> bf16 stores)
+    from qat.kernels.triton_fq import fused_fake_quant
+
+    low = torch.bfloat16 if device == "cuda" else torch.float32
+    for name, dtype in (("q4_0", low), ("q4_1", torch.float32), ("int4_g32", low)):
+        fmt = get_format(name)
+        ws = [(torch.randn(r, 512, device=device) * 0.02).to(dtype) for r in (8, 24, 40)]
+        nb = [w.numel() // fmt.block for w in ws]
+        sc = [torch.empty(n, device=device) for n in nb]
+        zs = [torch.empty(n, device=device) for n in nb] if fmt.zero_kind else []
+        out, mask = torch.ops.qat.fake_quant_group(ws, sc, zs, name)
+        for i, w in enumerate(ws):
+            s1, z1 = torch.empty(nb[i], device=device), torch.empty(nb[i], device=device) if zs else None
+            o1, m1 = fused_fake_quant(w, fmt, s1, z1, True)
+            lo, hi = sum(x.numel() for x in ws[:i]), sum(x.numel() for x in ws[:i + 1])
+            assert torch.equal(out[lo:hi], o1.reshape(-1)) and torch.equal(mask[lo:hi].bool(), m1.reshape(-1)), name
+            assert torch.equal(sc[i], s1) and (not zs or torch.equal(zs[i], z1)), name
 
     if device == "cuda":  # k-quants (256-multiple widths, so Q4_K/Q6_K apply): the op is the reference bits
         grp = run("group", "q4_k_m", width=256, steps=2)

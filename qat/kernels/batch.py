@@ -324,19 +324,21 @@ def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
     from ..modules import FakeQuantEmbedding, FakeQuantLinear
 
     counts: dict[int, list] = {}
+    users = []  # every module of the group (a tied quantizer has two)
     for m in model.modules():
         if type(m) in (FakeQuantLinear, FakeQuantEmbedding):
             q = m.weight_fake_quant
             if _is_kquant(q.fmt) or (tfq.HAS_TRITON and q.affine and q.observer == "dynamic"
                                      and tfq.kernel_kind(q.fmt) is not None):
                 counts.setdefault(id(q), [q, m, 0, 0])[2 if type(m) is FakeQuantLinear else 3] += 1
+                users.append(m)
     if not counts:
         return None
     group = BatchedFakeQuant([tuple(v) for v in counts.values()])
     for q, *_ in counts.values():
         _GROUPS[q] = group
     if tfq.HAS_TRITON:
-        _patch_forward(model, [(q, m) for q, m, _, _ in counts.values()])
+        _patch_forward(model, [(q, m) for q, m, _, _ in counts.values()], users)
     return group
 
 
@@ -421,9 +423,8 @@ def _stash(members) -> list:
         w = m.weight
         if w.dtype not in _WDT or w.shape[-1] % q.fmt.block or not w.is_contiguous():
             continue
-        if _is_kquant(q.fmt):
-            if not w.is_cuda:
-                continue
+        if _is_kquant(q.fmt):  # fmt.fake: the Triton kernel on CUDA, llama.cpp's encoder or ours elsewhere
+            pass
         elif not (w.is_cuda or tfq.INTERPRET) or q.observer != "dynamic" or tfq.kernel_kind(q.fmt) is None:
             continue
         by_key.setdefault((q.fmt.name, w.dtype, w.device), []).append((q, w))
@@ -453,14 +454,15 @@ def _group_forward(self, *args, **kwargs):
             q._w_hat = None
 
 
-def _patch_forward(model: torch.nn.Module, members: list) -> None:
-    """Give the lowest module holding every member (quantizer, module) the group forward, unless something
-    (accelerate's hooks, say) already set an instance ``forward``: then compile keeps the per-layer op."""
+def _patch_forward(model: torch.nn.Module, members: list, users: list) -> None:
+    """Give the lowest module holding every user module of the members (quantizer, module) the group
+    forward, unless something (accelerate's hooks, say) already set an instance ``forward``: then compile
+    keeps the per-layer op. (A tied lm_head is a user outside the decoder: the root then holds them all.)"""
     import functools
     import types
 
-    names = {id(m): n for n, m in model.named_modules()}
-    paths = [names[id(m)].split(".") if names[id(m)] else [] for _, m in members]
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    paths = [names[id(m)].split(".") if names[id(m)] else [] for m in users]
     common = paths[0]
     for p in paths[1:]:
         n = 0
@@ -469,7 +471,7 @@ def _patch_forward(model: torch.nn.Module, members: list) -> None:
         common = common[:n]
     # the lowest module that is itself called: not a member (a single layer: its parent runs it), and not a
     # container without a forward of its own (ModuleList, ModuleDict: their parent iterates them)
-    member_ids = {id(m) for _, m in members}
+    member_ids = {id(m) for m in users}
     while True:
         owner = model.get_submodule(".".join(common))
         if id(owner) not in member_ids and type(owner).forward is not torch.nn.Module.forward:

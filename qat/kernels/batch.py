@@ -382,18 +382,44 @@ if tfq.HAS_TRITON:
         kq = _is_kquant(get_format(fmt_name))
         return ws[0].new_empty(total), ws[0].new_empty(0 if kq else total, dtype=torch.uint8)
 
+    @torch.library.custom_op("qat::fake_quant_group_grad", mutates_args=())
+    def _fq_group_grad_op(grad: Tensor, mask: Tensor, ws: list[Tensor], fmt_name: str) -> list[Tensor]:
+        """Each weight's gradient, ``grad * mask`` over its slice of the flat ones (k-quants: no mask), as a
+        tensor of its own, in one launch (see ``_mask_split_kernel``)."""
+        from ..formats import get_format
+
+        fmt = get_format(fmt_name)
+        outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
+        key = ("grad", fmt.name, tuple((w.data_ptr(), w.numel()) for w in ws))
+        tab = _COMPILED_TABLES.get(key)
+        if tab is None:
+            if len(_COMPILED_TABLES) >= 16:
+                del _COMPILED_TABLES[next(iter(_COMPILED_TABLES))]
+            tab = _COMPILED_TABLES[key] = _tables_for(ws, ws, [None] * len(ws), fmt)
+        _, _, _, off, nb, pl, pr, _, rows, block, _, _, _, _ = tab
+        ptrs = [o.data_ptr() for o in outs]
+        op = torch.tensor(ptrs, dtype=torch.int64)
+        op = op.pin_memory().to(grad.device, non_blocking=True) if grad.is_cuda else op
+        tfq._mask_split_kernel[(pl.numel(),)](grad, mask if mask.numel() else grad, op, off, nb, pl, pr, BLOCK=block,
+                                              ROWS=rows, WDT=_WDT[grad.dtype], ALIGNED=all(p % 16 == 0 for p in ptrs),
+                                              MASKED=mask.numel() > 0, num_warps=4, **tfq.launch_opts())
+        return outs
+
+    @_fq_group_grad_op.register_fake
+    def _fq_group_grad_fake(grad, mask, ws, fmt_name):
+        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
+
     def _fq_group_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[1])
-        ctx.shapes = [w.shape for w in inputs[0]]
+        ctx.save_for_backward(output[1], *inputs[0])
+        ctx.fmt_name = inputs[3]
         ctx.n_params = (len(inputs[1]), len(inputs[2]))
 
     def _fq_group_backward(ctx, grad, _grad_mask):
-        (mask,) = ctx.saved_tensors
-        if mask.numel():  # the STE clip mask (k-quants: plain STE, the gradient passes as it is)
-            grad = grad * mask  # as torch's grad * mask of the eager path, bitwise (-g*0 = -0)
-        sizes = [s.numel() for s in ctx.shapes]
+        mask, *ws = ctx.saved_tensors
+        # the STE: grad * mask, bitwise torch's grad * mask of the eager path (-g*0 = -0); k-quants: plain STE
+        grads = torch.ops.qat.fake_quant_group_grad(grad.contiguous(), mask, ws, ctx.fmt_name)
         n_scales, n_zeros = ctx.n_params  # the returned structure must be the inputs' (lists included)
-        return [g.view(s) for g, s in zip(grad.split(sizes), ctx.shapes)], [None] * n_scales, [None] * n_zeros, None
+        return grads, [None] * n_scales, [None] * n_zeros, None
 
     _fq_group_op.register_autograd(_fq_group_backward, setup_context=_fq_group_setup)
 

@@ -58,6 +58,7 @@ SWITCHES = {
     "+torch-search": ("QAT_GGML_QUANTIZE", "0"),  # k-quants: our torch search on the GPU, not llama.cpp's C encoder
     "+recompute": ("QAT_RECOMPUTE", "1"),  # w_hat and the clip mask recomputed in the backward, not kept
     "+no-recompute": ("QAT_RECOMPUTE", "0"),  # the matmul keeps w_hat and the STE its mask until the backward
+    "+compile-group": ("QAT_COMPILE_GROUP", "1"),  # compiled: every layer's fake quant in one op (kernels/batch.py)
 }
 
 

@@ -145,8 +145,10 @@ def _compile_checks(device: str) -> None:
     backend = "inductor" if device == "cuda" else "aot_eager"
 
     def run(mode, scheme, rules=None, dtype=torch.float32, width=64, steps=3):
-        """mode: eager | group (compiled) | per-layer (compiled with QAT_BATCHED_FQ=0)"""
+        """mode: eager | group (compiled, QAT_COMPILE_GROUP=1) | default (compiled) | per-layer (compiled
+        with QAT_BATCHED_FQ=0)"""
         os.environ["QAT_BATCHED_FQ"] = "0" if mode == "per-layer" else "1"
+        os.environ["QAT_COMPILE_GROUP"] = "1" if mode == "group" else ""
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
@@ -185,10 +187,13 @@ def _compile_checks(device: str) -> None:
         grp = run("group", scheme, rules, dtype)
         assert grp[4] == [n] * 3, (scheme, grp[4])  # one launch per step, every layer in it
         assert grp[5] == 0 and ref[5] == 0, (scheme, "graph breaks", grp[5], ref[5])
+        if scheme == "q4_0":  # without QAT_COMPILE_GROUP: the per-layer op
+            assert run("default", scheme, rules, dtype)[4] == [], scheme
         # CUDA: the losses are bitwise; the gradients only close, since inductor schedules the rest of the
         # backward differently around one op than around 14 (the fake quant's own bits are checked below)
         same(grp, ref, scheme, exact=device == "cpu")
     os.environ["QAT_BATCHED_FQ"] = "1"
+    os.environ["QAT_COMPILE_GROUP"] = ""
 
     # the op's w_hat, mask and dynamic scales: bitwise the per-layer kernel's (bf16 on CUDA only: the
     # interpreter truncates fp32 -> bf16 stores)
@@ -211,8 +216,8 @@ def _compile_checks(device: str) -> None:
 
     # k-quants (256-multiple widths, so Q4_K/Q6_K apply; the tied lm_head outside the decoder shares the
     # embedding's quantizer): one call per format and step, no graph break; on CPU bitwise eager
-    grp = run("group", "q4_k_m", width=256, steps=2)
-    assert grp[5] == 0 and len(grp[4]) == 4, grp[4:]  # q4_k and q6_k, 2 steps
+    grp = run("default", "q4_k_m", width=256, steps=2)
+    assert grp[5] == 0 and len(grp[4]) == 4, grp[4:]  # q4_k and q6_k, 2 steps (Q5_0/Q8_0: none here)
     if device == "cpu":
         same(grp, run("eager", "q4_k_m", width=256, steps=2), "q4_k_m")
     if device == "cuda":  # the op's output is the formats' reference bits

@@ -360,6 +360,10 @@ def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
 #   quantizer's ``_w_hat`` to its view of the flat output, runs the module's own forward and clears them
 #   again (no state outlives the call). Outside torch.compile it only calls the module's forward.
 # * a member not used in a forward gets a zero gradient (its slice of the flat one), not None.
+# * the backward writes each weight's masked gradient into a tensor of its own (one launch): views of one
+#   flat gradient made AOTAutograd rebuild every alias in Python after the backward (8 ms per step).
+# * default: k-quants only (see ``_compile_group_affine``); ``QAT_COMPILE_GROUP=1`` adds the Triton-kernel
+#   formats, which keep the per-layer ``qat::fake_quant`` op otherwise (it measured faster so far).
 if tfq.HAS_TRITON:
 
     @torch.library.custom_op("qat::fake_quant_group", mutates_args=())
@@ -433,6 +437,16 @@ def _compile_group_on() -> bool:
     return tfq.HAS_TRITON and _enabled_env()
 
 
+@torch.compiler.assume_constant_result
+def _compile_group_affine() -> bool:
+    """Do the Triton-kernel formats (Q4_0, Q8_0, intN, ...) take the group op under compile? Only with
+    ``QAT_COMPILE_GROUP=1``: measured on H200s (SmolLM2, batch 8 x 2048), the group made the compiled step
+    1.058-1.073x bf16, where the per-layer op measured 1.024-1.028x in other runs (not yet side by side in
+    one run; BENCHMARKS.md). K-quants always take it: their per-layer path under compile is the traced torch
+    search, with graph breaks (22 in a 2-layer model)."""
+    return os.environ.get("QAT_COMPILE_GROUP", "") == "1"
+
+
 def _enabled_env() -> bool:
     if os.environ.get("QAT_BATCHED_FQ", "1") == "0":
         return False
@@ -443,6 +457,7 @@ def _enabled_env() -> bool:
 def _stash(members) -> list:
     """Sets ``q._w_hat`` for every member that takes the group op now (see above); returns those quantizers."""
     by_key: dict = {}
+    affine = _compile_group_affine()
     for q, m in members:
         if not q.enabled or q._frozen:
             continue
@@ -451,7 +466,8 @@ def _stash(members) -> list:
             continue
         if _is_kquant(q.fmt):  # fmt.fake: the Triton kernel on CUDA, llama.cpp's encoder or ours elsewhere
             pass
-        elif not (w.is_cuda or tfq.INTERPRET) or q.observer != "dynamic" or tfq.kernel_kind(q.fmt) is None:
+        elif (not affine or not (w.is_cuda or tfq.INTERPRET) or q.observer != "dynamic"
+              or tfq.kernel_kind(q.fmt) is None):
             continue
         by_key.setdefault((q.fmt.name, w.dtype, w.device), []).append((q, w))
     done = []

@@ -14,8 +14,8 @@ The numbers are the per-layer kernel's, bit for bit (same ``_fq_rows`` code). A 
 forward it was computed for: it is dropped once taken, and it is stale (so the group is recomputed) if
 the weight changed (version counter or storage), the grad mode differs, or the group's backward already
 ran. Used only where it is safe and pays off: CUDA tensors (or the Triton interpreter), the ``dynamic``
-observer, not frozen, not under ``torch.compile`` (inductor launches the per-layer ``triton_op`` from
-its own code), and a single process (under DDP/FSDP every gradient would arrive at the end of backward,
+observer, not frozen, not under ``torch.compile`` (there the group is one opaque op instead, for
+k-quants by default: see the section at the end of this file), and a single process (under DDP/FSDP every gradient would arrive at the end of backward,
 defeating communication overlap, and FSDP shards the weights). ``QAT_BATCHED_FQ=0`` turns it off.
 
 K-quants (Q2_K..Q6_K) join the same machinery without Triton, on GPUs: their two-level scale search

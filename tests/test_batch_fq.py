@@ -125,9 +125,6 @@ def _compile_checks(device: str) -> None:
     same bits as the path it replaces. CPU (Triton's interpreter): aot_eager, against eager. CUDA: inductor,
     against the per-layer compiled op (inductor also rewrites the rest of the model, so not against eager),
     and k-quants, whose op output is checked against their reference ``fake``."""
-    import copy
-    import inspect
-
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -227,11 +224,42 @@ def _compile_checks(device: str) -> None:
             fmt = get_format(name)
             assert mask.numel() == 0 and torch.equal(out, torch.cat([fmt.fake(w).reshape(-1) for w in ws])), name
 
-    # the group forward: on the members' lowest called module (a ModuleList is iterated, not called), with
-    # the class forward's signature (HF inspects it); deepcopy rebinds it to the copy; unprepare removes it
+    # prepare() put the group forward on the decoder (the q4_0 plan leaves embedding and lm_head float)
     m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=True)
     qat.prepare(m, "q4_0")
-    owners = [x for x in m.modules() if "_qat_compile_members" in x.__dict__]
+    assert [x for x in m.modules() if "_qat_compile_members" in x.__dict__] == [m.model]
+    batch._multi_launch, batch._kquant_flat = orig_launch, orig_kq
+    print("compiled group: all checks passed")
+
+
+def test_group_forward_wrapper():
+    """The forward that reaches the compiled group op (kernels/batch.py), without Triton: it sits on the
+    lowest called module holding every user of the members (a ModuleList is iterated, not called; a tied
+    lm_head lifts it to the root), keeps the class forward's signature (HF inspects it) and outputs,
+    is rebound to the copy by deepcopy, stays off a module that has an instance forward, and unprepare
+    removes it."""
+    import copy
+    import inspect
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import tiny_llama
+
+    import qat
+    from qat.kernels import batch
+
+    def patched(scheme, rules=None):
+        m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=True)
+        ids = torch.randint(0, 256, (1, 8))
+        qat.prepare(m, scheme, rules=rules)
+        batch.unpatch_forward(m)  # prepare patches only where Triton is installed: patch here either way
+        ref = m(input_ids=ids).logits
+        mods = [x for _, x in qat.fake_quant_modules(m)]
+        batch._patch_forward(m, [(x.weight_fake_quant, x) for x in mods], mods)
+        owners = [x for x in m.modules() if "_qat_compile_members" in x.__dict__]
+        assert torch.equal(m(input_ids=ids).logits, ref)  # eager: the class forward, unchanged
+        return m, owners
+
+    m, owners = patched("q4_0")
     assert owners == [m.model], owners
     assert inspect.signature(m.model.forward) == inspect.signature(type(m.model).forward.__get__(m.model))
     c = copy.deepcopy(m)
@@ -239,8 +267,18 @@ def _compile_checks(device: str) -> None:
     assert all(any(x is y for y in c.modules()) for _, x in c.model._qat_compile_members)
     qat.unprepare(m)
     assert "forward" not in m.model.__dict__ and "_qat_compile_members" not in m.model.__dict__
-    batch._multi_launch, batch._kquant_flat = orig_launch, orig_kq
-    print("compiled group: all checks passed")
+
+    m, owners = patched("q4_1", {"embed_tokens": "q4_1", "lm_head": "q4_1"})
+    assert owners == [m], owners  # the tied lm_head is called by the root, outside the decoder
+
+    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=True)
+    qat.prepare(m, "q4_0")
+    batch.unpatch_forward(m)
+    mine = m.model.forward  # an instance forward someone else set (accelerate's hooks, say): left alone
+    m.model.forward = mine
+    mods = [x for _, x in qat.fake_quant_modules(m)]
+    batch._patch_forward(m, [(x.weight_fake_quant, x) for x in mods], mods)
+    assert m.model.forward is mine and "_qat_compile_members" not in m.model.__dict__
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.speed import MODELS, build  # noqa: E402
+from bench.speed import MODELS, profiled_step  # noqa: E402
 
 
 def main() -> None:
@@ -31,16 +31,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=40)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(args.model, args.variant, device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-    f = torch.compile(model) if args.compile else model
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
-
-    def step():
-        f(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = profiled_step(args.model, args.variant, args.batch, args.seq, device, compiled=args.compile)
     for _ in range(5):
         step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.speed import build  # noqa: E402
+from bench.speed import profiled_step  # noqa: E402
 
 
 def main():
@@ -29,16 +29,7 @@ def main():
     args = p.parse_args()
     if args.per_layer:
         os.environ["QAT_BATCHED_FQ"] = "0"
-    model = build(args.model, args.variant, "cuda").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    f = model if args.eager else torch.compile(model)
-
-    def step():
-        f(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = profiled_step(args.model, args.variant, args.batch, args.seq, "cuda", compiled=not args.eager)
     for _ in range(5):
         step()
     torch.cuda.synchronize()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.speed import build  # noqa: E402
+from bench.speed import profiled_step  # noqa: E402
 
 
 def main():
@@ -20,15 +20,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     args = p.parse_args()
-    model = build("smollm2", args.variant, "cuda").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 49152, (args.batch, args.seq), device="cuda")
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = profiled_step("smollm2", args.variant, args.batch, args.seq, "cuda")
     for _ in range(3):
         step()
     torch.cuda.synchronize()

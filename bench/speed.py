@@ -51,6 +51,22 @@ def build(model_name: str, variant: str, device: str):
     return model
 
 
+def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: str, compiled: bool = False):
+    """``(model, step)`` for the profiling scripts: ``variant`` built as here, fused AdamW (on CUDA), one
+    fixed random batch; ``step()`` runs forward, backward, the optimizer step and zero_grad."""
+    model = build(model_name, variant, device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    f = torch.compile(model) if compiled else model
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+
+    def step():
+        f(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
 # variant suffixes: the environment switch each one sets for its variant
 SWITCHES = {
     "+eager-torch": ("QAT_DISABLE_TRITON", "1"),  # our eager PyTorch path on GPU, without the fused kernel

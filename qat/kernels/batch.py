@@ -72,10 +72,7 @@ def _is_kquant(fmt) -> bool:
 
 
 def _enabled() -> bool:
-    if os.environ.get("QAT_BATCHED_FQ", "1") == "0" or torch.compiler.is_compiling():
-        return False
-    d = torch.distributed
-    return not (d.is_available() and d.is_initialized() and d.get_world_size() > 1)
+    return not torch.compiler.is_compiling() and _enabled_env()
 
 
 def _fusable(q, w: Tensor, triton_on: Optional[bool] = None) -> bool:
@@ -449,6 +446,7 @@ def _compile_group_affine() -> bool:
 
 
 def _enabled_env() -> bool:
+    """``QAT_BATCHED_FQ`` is not "0", and one process (under DDP/FSDP the group is off)."""
     if os.environ.get("QAT_BATCHED_FQ", "1") == "0":
         return False
     d = torch.distributed

@@ -208,22 +208,27 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
+    def _program_blocks(PL, PR, NB, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        """This program's ``(layer, element offsets within the layer, row mask)`` from a multi-layer program
+        table: program -> (layer PL, first block PR), ROWS blocks of BLOCK elements, NB blocks per layer."""
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        rmask = (rows < tl.load(NB + layer))[:, None]
+        offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        return layer, offs, rmask
+
+    @triton.jit
     def _mask_multi_kernel(GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr, WDT: tl.constexpr,
                            ALIGNED: tl.constexpr):
         # The STE backward of a _fq_multi_kernel launch, in place: program -> (layer PL, first block PR) as
         # there; GP holds each layer's gradient address (contiguous, the weight's dtype), MASK the flat clip
         # mask at the layer's offset OFF. ``g * mask`` as a product, as torch's ``grad * mask`` (-g*0 = -0).
-        pid = tl.program_id(0)
-        layer = tl.load(PL + pid)
-        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        layer, offs, rmask = _program_blocks(PL, PR, NB, BLOCK, ROWS)
         G = _table_ptr(GP, layer, WDT, ALIGNED)
-        cols = tl.arange(0, BLOCK)
-        rmask = (rows < tl.load(NB + layer))[:, None]
-        offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
         g = tl.load(G + offs, mask=rmask, other=0.0)
         m = tl.load(MASK + tl.multiple_of(tl.load(OFF + layer), 16) + offs, mask=rmask, other=0).to(g.dtype)
         tl.store(G + offs, g * m, mask=rmask)
-
 
     @triton.jit
     def _mask_split_kernel(SRC, MASK, OP, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr,
@@ -232,13 +237,8 @@ if HAS_TRITON:
         # another, at offsets OFF) times the flat clip mask (MASKED; k-quants: a copy), written into a separate
         # tensor per layer (addresses in OP): each weight's gradient is then its own tensor, not a view of
         # one buffer (AOTAutograd rebuilds such views in Python, ~40 us each: measured 8 ms per SmolLM2 step).
-        pid = tl.program_id(0)
-        layer = tl.load(PL + pid)
-        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        layer, offs, rmask = _program_blocks(PL, PR, NB, BLOCK, ROWS)
         O = _table_ptr(OP, layer, WDT, ALIGNED)
-        cols = tl.arange(0, BLOCK)
-        rmask = (rows < tl.load(NB + layer))[:, None]
-        offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
         off = tl.multiple_of(tl.load(OFF + layer), 16)
         g = tl.load(SRC + off + offs, mask=rmask, other=0.0)
         if MASKED:

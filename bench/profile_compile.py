@@ -26,6 +26,8 @@ def main():
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--eager", action="store_true", help="profile the eager step (no torch.compile)")
     p.add_argument("--gaps", type=int, default=15, help="print this many of the largest GPU idle gaps")
+    p.add_argument("--stack", action="store_true", help="record Python calls too (slows the host: read the "
+                   "pre-kernel ops' order, not their times)")
     args = p.parse_args()
     if args.per_layer:
         os.environ["QAT_BATCHED_FQ"] = "0"
@@ -47,10 +49,12 @@ def main():
     m1 = torch.cuda.memory_stats()
     print("allocator over 5 steps:", {k: m1.get(k, 0) - m0.get(k, 0) for k in keys})
     print("host enqueue ms / step ms:", [(round(a * 1e3, 1), round(b * 1e3, 1)) for a, b in t])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                with_stack=args.stack) as prof:
         for _ in range(3):
-            step()
-        torch.cuda.synchronize()
+            with torch.profiler.record_function("qat_step"):
+                step()
+            torch.cuda.synchronize()  # as bench/speed.py times it: every step starts on an idle GPU
     ka = prof.key_averages()
     print(ka.table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70))
     print(ka.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
@@ -72,6 +76,25 @@ def main():
         sum(g for g, _, _ in gaps if g > 0) / 3 / 1e3))
     for g, a, b in sorted(gaps, reverse=True)[:args.gaps]:
         print(f"  {g:9.1f}  {a[:60]} -> {b[:60]}")
+    preamble(trace, kernels, args.rows)
+
+
+def preamble(trace: list, kernels: list, rows: int) -> None:
+    """The host time of each step before its first GPU kernel: the GPU idles through all of it (every step
+    starts after a sync), so it counts in full in the step time. Prints its length and the host ops in it."""
+    steps = sorted((e for e in trace if e.get("name") == "qat_step" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    ops = [e for e in trace if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation")
+           and e.get("name") != "qat_step"]
+    for i, s in enumerate(steps):
+        first = next((k for k in kernels if k["ts"] >= s["ts"]), None)
+        if first is None:
+            continue
+        t0, t1 = s["ts"], first["ts"]
+        print(f"step {i}: {(t1 - t0) / 1e3:.2f} ms from the step's start to its first kernel ({first['name'][:50]})")
+        if i == len(steps) - 1:
+            inside = sorted((e for e in ops if t0 <= e["ts"] < t1), key=lambda e: -e.get("dur", 0))
+            for e in inside[:rows]:
+                print(f"  {e.get('dur', 0) / 1e3:8.3f} ms  +{(e['ts'] - t0) / 1e3:7.3f}  {e['name'][:90]}")
 
 
 if __name__ == "__main__":

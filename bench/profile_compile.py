@@ -58,7 +58,7 @@ def main():
     ka = prof.key_averages()
     print(ka.table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70))
     print(ka.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
-    dev = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA]
+    dev = [e for e in ka if e.device_type == torch.autograd.DeviceType.CUDA and e.key != "qat_step"]
     print("device entries per step:", sum(e.count for e in dev) / 3)
     # busy device time per step (sum of kernel times; overlap-free on one stream): step ms minus this is
     # the time the GPU waited for the host
@@ -70,7 +70,7 @@ def main():
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))["traceEvents"]
-    kernels = sorted((e for e in trace if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    kernels = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     gaps = [(b["ts"] - (a["ts"] + a["dur"]), a["name"], b["name"]) for a, b in zip(kernels, kernels[1:])]
     print("GPU idle between kernels, ms per step: %.2f; largest gaps (us, before -> after):" % (
         sum(g for g, _, _ in gaps if g > 0) / 3 / 1e3))
@@ -82,7 +82,8 @@ def main():
 def preamble(trace: list, kernels: list, rows: int) -> None:
     """The host time of each step before its first GPU kernel: the GPU idles through all of it (every step
     starts after a sync), so it counts in full in the step time. Prints its length and the host ops in it."""
-    steps = sorted((e for e in trace if e.get("name") == "qat_step" and e.get("ph") == "X"), key=lambda e: e["ts"])
+    steps = sorted((e for e in trace if e.get("name") == "qat_step" and e.get("ph") == "X"
+                    and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])  # the host's marks, not the GPU's
     ops = [e for e in trace if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation")
            and e.get("name") != "qat_step"]
     for i, s in enumerate(steps):
@@ -92,9 +93,12 @@ def preamble(trace: list, kernels: list, rows: int) -> None:
         t0, t1 = s["ts"], first["ts"]
         print(f"step {i}: {(t1 - t0) / 1e3:.2f} ms from the step's start to its first kernel ({first['name'][:50]})")
         if i == len(steps) - 1:
-            inside = sorted((e for e in ops if t0 <= e["ts"] < t1), key=lambda e: -e.get("dur", 0))
-            for e in inside[:rows]:
-                print(f"  {e.get('dur', 0) / 1e3:8.3f} ms  +{(e['ts'] - t0) / 1e3:7.3f}  {e['name'][:90]}")
+            # each op's time inside the window (an op that starts there, the compiled region say, runs on)
+            inside = sorted(((min(e["ts"] + e.get("dur", 0), t1) - e["ts"], e) for e in ops if t0 <= e["ts"] < t1),
+                            key=lambda x: -x[0])
+            print("  host ops in it (ms inside the window, start ms, name):")
+            for d, e in inside[:rows]:
+                print(f"  {d / 1e3:8.3f}  +{(e['ts'] - t0) / 1e3:7.3f}  {e['name'][:100]}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,14 @@ def preamble(trace: list, kernels: list, rows: int) -> None:
             print("  host ops in it (ms inside the window, start ms, name):")
             for d, e in inside[:rows]:
                 print(f"  {d / 1e3:8.3f}  +{(e['ts'] - t0) / 1e3:7.3f}  {e['name'][:100]}")
+            # many small calls (one per input or layer) hide below the largest ones: their sums by name
+            tot: dict = {}
+            for d, e in inside:
+                n, c = tot.get(e["name"], (0.0, 0))
+                tot[e["name"]] = (n + d, c + 1)
+            print("  summed by name (ms inside the window, calls, name):")
+            for name, (d, c) in sorted(tot.items(), key=lambda x: -x[1][0])[:rows]:
+                print(f"  {d / 1e3:8.3f}  {c:6d}  {name[:100]}")
 
 
 if __name__ == "__main__":

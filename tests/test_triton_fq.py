@@ -101,8 +101,9 @@ def test_compiled_module_keeps_the_bits():
 
 @pytest.mark.parametrize("name", ["q4_0", "int4_g32", "q4_1"])
 def test_compiled_training_step_no_graph_breaks_and_same_grads(name):
-    """Under torch.compile the fake quant is one traced custom op: no graph break, and the forward,
-    the weight gradient and the observer buffers equal eager's bitwise."""
+    """Under torch.compile the fake quant is one traced custom op: no graph break, and the forward and the
+    weight gradient equal eager's bitwise. The dynamic rule's buffers are not graph inputs there (not
+    written); what export reads (``quantize``, which observes the weight) equals eager's."""
     from qat.modules import FakeQuantLinear
     from qat.observers import WeightQuantizer
     torch.manual_seed(0)
@@ -126,8 +127,8 @@ def test_compiled_training_step_no_graph_breaks_and_same_grads(name):
     yc.square().sum().backward()
     assert torch.equal(ye, yc)
     assert torch.equal(me.weight.grad, mc.weight.grad)
-    assert torch.equal(me.weight_fake_quant.scale, mc.weight_fake_quant.scale)
     assert not mc.weight_fake_quant.scale.requires_grad
+    before = mc.weight_fake_quant.scale.clone()
     # more steps: nothing from one step's graph may leak into the next (observer buffers included)
     for m, f in ((me, me), (mc, cm)):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -137,3 +138,18 @@ def test_compiled_training_step_no_graph_breaks_and_same_grads(name):
             f(x).square().sum().backward()
     assert torch.equal(me.weight.grad, mc.weight.grad)
     assert torch.equal(me.weight, mc.weight)
+    assert torch.equal(mc.weight_fake_quant.scale, before)  # no graph input, not written
+    assert not torch.equal(me.weight_fake_quant.scale, before)  # eager wrote the last step's parameters
+    qe, qc = me.quantize(), mc.quantize()
+    assert torch.equal(qe.codes, qc.codes) and torch.equal(qe.scale, qc.scale)
+    assert torch.equal(mc.weight_fake_quant.scale, me.weight_fake_quant.scale)  # quantize observed it
+    # the compiled graph takes the weights and inputs only: no observer buffer among its inputs
+    torch._dynamo.reset()
+    gm_inputs = []
+
+    def backend(gm, example_inputs):
+        gm_inputs.extend(n.target for n in gm.graph.nodes if n.op == "placeholder")
+        return gm
+
+    torch.compile(fresh(), backend=backend)(x)
+    assert not any("scale" in str(t) for t in gm_inputs), gm_inputs

@@ -247,7 +247,21 @@ def test_output_can_be_modified_in_place():
 # -- what the backward keeps ---------------------------------------------------------------------------
 
 def _saved_storages(flag: str, dtype, scheme="q4_0", autocast=False):
-    """Non-Parameter storages the autograd graph of one forward keeps, {ptr: (bytes, shapes saved)}, and the model."""
+    """Non-Parameter storages the autograd graph of one forward keeps, {ptr: (bytes, shapes saved)}, and the model.
+    Per-layer fake quant (``QAT_BATCHED_FQ=0``): the one-launch group (active on CPU tensors under Triton's
+    interpreter) keeps its masks on its autograd context, where saved-tensor hooks do not see them."""
+    batched = os.environ.get("QAT_BATCHED_FQ")
+    os.environ["QAT_BATCHED_FQ"] = "0"
+    try:
+        return _saved_storages_per_layer(flag, dtype, scheme, autocast)
+    finally:
+        if batched is None:
+            os.environ.pop("QAT_BATCHED_FQ", None)
+        else:
+            os.environ["QAT_BATCHED_FQ"] = batched
+
+
+def _saved_storages_per_layer(flag: str, dtype, scheme: str, autocast: bool):
     with _recompute(flag):
         torch.manual_seed(0)
         m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2)

@@ -358,3 +358,40 @@ def test_kquant_group_equals_per_layer(scheme, monkeypatch):
             assert len(ga) == len(gb) and all(torch.equal(x, y) for x, y in zip(ga, gb)), "grads"
         assert torch.equal(a[3], b[3]), "eval logits"
 
+
+def _per_layer_ops_checks() -> None:
+    """The per-layer ops torch.compile traces, called as ops: ``qat::fake_quant_dynamic`` (parameters into
+    scratch) and ``qat::fake_quant`` (given parameters, read only) give the eager kernel's w_hat bit for bit,
+    their registered gradient is ``grad * mask``, and the observer's buffers are left as they were. (Traced
+    under compile they run on CUDA only, tests/test_triton_fq.py: a ``triton_op`` launches through
+    ``wrap_triton``, which the interpreter's kernels do not support with fake tensors.)"""
+
+    from qat.formats import get_format
+    from qat.kernels.triton_fq import fused_fake_quant
+
+    torch.manual_seed(0)
+    for name in ("q4_0", "q4_1", "q8_0", "int4_g32"):
+        fmt = get_format(name)
+        w = torch.randn(16, 256) * 0.02
+        nb = w.numel() // fmt.block
+        s, z = torch.empty(nb), (torch.empty(nb) if fmt.zero_kind else None)
+        ref, mask = fused_fake_quant(w, fmt, s, z, True)
+        g = torch.randn_like(w)
+        for op in ("dynamic", "given"):
+            s0 = s.clone()
+            x = w.clone().requires_grad_()
+            if op == "dynamic":
+                out, m = torch.ops.qat.fake_quant_dynamic(x, name)
+            else:
+                out, m = torch.ops.qat.fake_quant(x, s, z, name)
+            out.backward(g)
+            assert torch.equal(out.detach(), ref) and torch.equal(m, mask), (name, op)
+            assert torch.equal(x.grad, g * mask), (name, op)
+            assert torch.equal(s, s0), (name, op)  # neither op writes the observer's buffers
+    print("per-layer ops: all checks passed")
+
+
+def test_per_layer_ops_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_batch_fq import _per_layer_ops_checks; _per_layer_ops_checks()", "all checks passed")

@@ -78,8 +78,9 @@ SWITCHES = {
 }
 
 
-def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def apply_switches(variant: str) -> str:
+    """Sets the environment switches of ``variant``'s suffixes (and clears the others); returns the variant
+    without them (what ``build`` takes)."""
     for k in SWITCHES.values():
         os.environ.pop(k[0], None)
     variant_build, found = variant, True
@@ -88,7 +89,12 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
         for suffix in found[:1]:
             os.environ[SWITCHES[suffix][0]] = SWITCHES[suffix][1]
             variant_build = variant_build.removesuffix(suffix)
-    model = build(args.model, variant_build, device)
+    return variant_build
+
+
+def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build(args.model, apply_switches(variant), device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     step_fn = model

@@ -152,3 +152,29 @@ def test_materialize_keeps_the_forward(scheme, observer):
         after = materialize(model, "cpu")(ids).logits
     assert not any(m.enabled for m in model.modules() if isinstance(m, qat.observers.WeightQuantizer))
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
+    """bench/memory.py on the tiny config, CPU: same parameters, gradients and AdamW state for every variant;
+    bf16 saves no weight-shaped tensor for the backward, per-layer fake quant saves at least every quantized
+    Linear's bf16 ``w_hat`` and bool clip mask (3 bytes per weight), and the recompute path none."""
+    from bench.memory import measure, table
+    from bench.speed import SWITCHES, build
+    from qat.modules import FakeQuantLinear
+
+    for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
+        monkeypatch.delenv(key, raising=False)
+    rows = {v: measure("tiny", v, 3, 50, "cpu") for v in ("bf16", "qat:q4_0", "qat:q4_0+recompute")}
+    n = sum(m.weight.numel() for m in build("tiny", "qat:q4_0", "cpu").modules() if type(m) is FakeQuantLinear)
+    assert n > 0
+    base = rows["bf16"]
+    assert base["params"] == base["grads"] > 0 and base["optimizer"] == 2 * base["params"]
+    for r in rows.values():
+        assert (r["params"], r["grads"], r["optimizer"]) == (base["params"], base["grads"], base["optimizer"])
+    assert base["saved_weight_shaped"] == 0
+    assert rows["qat:q4_0"]["saved_weight_shaped"] >= n * (2 + 1)
+    assert rows["qat:q4_0"]["saved"] - base["saved"] >= n * (2 + 1)
+    assert rows["qat:q4_0+recompute"]["saved_weight_shaped"] == 0
+    assert rows["qat:q4_0"]["buffers"] > base["buffers"]  # the quantizers' scales
+    text = table(list(rows.values()))
+    assert "qat:q4_0+recompute" in text and "peak x bf16" in text

@@ -4,6 +4,11 @@
     python bench/speed.py --model llama1b --batch 4 --seq 2048
     python bench/speed.py --rounds 5 ...   # step times re-measured with the variants interleaved
 
+Interleaving evens out machine drift for eager steps. Compiled models alternating every few steps cost QAT
+more than bf16, though: on an H200, SmolLM2 `q4_0` measured 1.031x sequential and 1.115x interleaved in one
+run (BENCHMARKS.md, session 7). So read compiled rows from the sequential pass (``ms_sequential`` in the
+JSON once ``--rounds`` is given).
+
 Random init (speed needs no trained weights), pure bf16 weights and fused AdamW, as in the torchao
 reference table of issue 7. Each variant runs ``--warmup`` steps, then ``--steps`` timed with CUDA events
 (median reported). Prints a table and writes JSON.

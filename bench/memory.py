@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -92,7 +93,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    with PeakRSS() if device == "cpu" else _Null() as rss:
+    with PeakRSS() if device == "cpu" else nullcontext() as rss:
         loss = step((pack, lambda t: t))
         if device == "cuda":
             row["forward_kept"] = torch.cuda.memory_allocated() - before
@@ -108,16 +109,6 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
     row["saved"] = sum(b for b, _ in saved.values())
     row["saved_weight_shaped"] = sum(b for b, w in saved.values() if w)
     return row
-
-
-class _Null:
-    peak = float("nan")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 HEADS = ("params", "buffers", "grads", "optim", "saved", "saved_w", "fwd_kept", "peak")

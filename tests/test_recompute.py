@@ -24,17 +24,22 @@ from qat.observers import WeightQuantizer  # noqa: E402
 
 
 @contextmanager
-def _recompute(flag: str):
-    """QAT_RECOMPUTE=flag for the block; the caller's setting afterwards."""
-    before = os.environ.get("QAT_RECOMPUTE")
-    os.environ["QAT_RECOMPUTE"] = flag
+def _env(key: str, value: str):
+    """``key=value`` in the environment for the block; the caller's setting afterwards."""
+    before = os.environ.get(key)
+    os.environ[key] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("QAT_RECOMPUTE", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["QAT_RECOMPUTE"] = before
+            os.environ[key] = before
+
+
+def _recompute(flag: str):
+    """QAT_RECOMPUTE=flag for the block."""
+    return _env("QAT_RECOMPUTE", flag)
 
 
 def _count_nodes(loss: torch.Tensor, name: str) -> int:
@@ -250,19 +255,7 @@ def _saved_storages(flag: str, dtype, scheme="q4_0", autocast=False):
     """Non-Parameter storages the autograd graph of one forward keeps, {ptr: (bytes, shapes saved)}, and the model.
     Per-layer fake quant (``QAT_BATCHED_FQ=0``): the one-launch group (active on CPU tensors under Triton's
     interpreter) keeps its masks on its autograd context, where saved-tensor hooks do not see them."""
-    batched = os.environ.get("QAT_BATCHED_FQ")
-    os.environ["QAT_BATCHED_FQ"] = "0"
-    try:
-        return _saved_storages_per_layer(flag, dtype, scheme, autocast)
-    finally:
-        if batched is None:
-            os.environ.pop("QAT_BATCHED_FQ", None)
-        else:
-            os.environ["QAT_BATCHED_FQ"] = batched
-
-
-def _saved_storages_per_layer(flag: str, dtype, scheme: str, autocast: bool):
-    with _recompute(flag):
+    with _env("QAT_BATCHED_FQ", "0"), _recompute(flag):
         torch.manual_seed(0)
         m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2)
         qat.prepare(m, scheme)

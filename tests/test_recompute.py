@@ -59,22 +59,31 @@ def _quant_linears(m) -> list:
 
 
 def _train(flag: str, scheme: str, device: str = "cpu", steps: int = 3, dtype=torch.float32, tie=False, rules=None,
-           observer="dynamic", hidden=64, inter=128, autocast=False, freeze_at=None):
-    """Train a tiny Llama a few AdamW steps with QAT_RECOMPUTE=flag; everything a step produces."""
+           observer="dynamic", hidden=64, inter=128, autocast=False, freeze_at=None, compile=False):
+    """Train a tiny Llama a few AdamW steps with QAT_RECOMPUTE=flag; everything a step produces. ``compile``:
+    through ``torch.compile`` (CUDA), and ``kept`` is the device memory each forward left for the backward."""
     with _recompute(flag):
         torch.manual_seed(0)
         m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
         qat.prepare(m, scheme, rules=rules, observer=observer)
         m.to(device=device, dtype=dtype).train()
+        if compile:
+            torch._dynamo.reset()
+        fwd = torch.compile(m) if compile else m
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         g = torch.Generator().manual_seed(1)
-        losses, grads, nodes = [], [], []
+        losses, grads, nodes, kept = [], [], [], []
         for step in range(steps):
             if step == freeze_at:
                 qat.freeze_observers(m)
             ids = torch.randint(0, 256, (2, 16), generator=g).to(device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-                loss = m(input_ids=ids, labels=ids).loss
+                loss = fwd(input_ids=ids, labels=ids).loss
+            if device == "cuda":
+                kept.append(torch.cuda.memory_allocated() - before)
             nodes.append(_count_nodes(loss, "_RecomputeLinear"))
             loss.backward()
             losses.append(loss.detach().cpu())
@@ -82,9 +91,9 @@ def _train(flag: str, scheme: str, device: str = "cpu", steps: int = 3, dtype=to
             opt.step()
             opt.zero_grad()
         with torch.no_grad():
-            logits = m(input_ids=ids).logits.cpu()
+            logits = fwd(input_ids=ids).logits.cpu()
         state = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
-        return dict(model=m, losses=losses, grads=grads, nodes=nodes, logits=logits, state=state)
+        return dict(model=m, losses=losses, grads=grads, nodes=nodes, logits=logits, state=state, kept=kept)
 
 
 def _assert_same(a: dict, b: dict, what) -> None:
@@ -350,3 +359,52 @@ def test_cuda_default_is_on_for_large_affine_weights(monkeypatch):
     monkeypatch.setattr(observers, "RECOMPUTE_MIN_NUMEL", 0)
     loss = m(input_ids=ids, labels=ids).loss
     assert _count_nodes(loss, "_RecomputeLinear") == n_affine
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["q4_0 bf16 weights", "q4_0 autocast bf16", "int4_w_g32", "q4_1 tied head",
+                                  "q4_0 dynamic, frozen at step 2"])
+def test_compiled_recompute_same_numbers_and_keeps_no_weight_copy(case):
+    """Under torch.compile, QAT_RECOMPUTE=1 wraps each layer's fake quant in a checkpoint: the forward leaves at
+    least ``w_hat`` + mask less memory for the backward than the compiled run that saves them, and the numbers
+    are that run's. Bitwise: the first loss, and the whole trajectory with bf16 weights. With fp32 weights or
+    autocast, inductor sums the norms' weight gradients in another order once the graph has the checkpoint
+    regions (measured on an H200: RMSNorm weight gradients differ in the last bits at step 0, every
+    quantized layer's gradient equal), so there the gradients and losses are compared to float tolerance."""
+    kw = dict(CASES[case], steps=4, hidden=256, inter=512)
+    a = _train("0", device="cuda", compile=True, **kw)
+    b = _train("1", device="cuda", compile=True, **kw)
+    lins = _quant_linears(b["model"])
+    if kw.get("dtype") == torch.bfloat16:
+        _assert_same(a, b, case)
+    else:
+        assert torch.equal(a["losses"][0], b["losses"][0])
+        quantized = {n + ".weight" for n, mod in b["model"].named_modules() if isinstance(mod, FakeQuantLinear)}
+        for name, ga in a["grads"][0].items():
+            gb = b["grads"][0][name]
+            if name in quantized and "norm" not in name:
+                assert torch.equal(ga, gb), name
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(torch.stack(a["losses"]), torch.stack(b["losses"]), rtol=1e-3, atol=0)
+    n = sum(mod.weight.numel() for mod in lins)
+    w_hat = 2 if (kw.get("dtype") == torch.bfloat16 or kw.get("autocast")) else 4
+    drop = a["kept"][-1] - b["kept"][-1]
+    print(f"\n{case}: forward kept {a['kept'][-1]} B saving w_hat, {b['kept'][-1]} B recomputing; "
+          f"w_hat + mask = {n * (w_hat + 1)} B")
+    assert drop >= n * (w_hat + 1), (drop, n * (w_hat + 1))
+
+
+@pytest.mark.gpu
+def test_compiled_default_recomputes_large_weights_only(monkeypatch):
+    """Unset, the compiled rule is the eager one: CUDA weights of at least RECOMPUTE_MIN_NUMEL elements."""
+    from qat import observers
+
+    monkeypatch.delenv("QAT_RECOMPUTE", raising=False)
+    lin = torch.nn.Linear(512, 256, bias=False).cuda()
+    q = WeightQuantizer("q4_0", lin.weight)
+    assert not q.recomputes_compiled(lin.weight)
+    monkeypatch.setattr(observers, "RECOMPUTE_MIN_NUMEL", lin.weight.numel())
+    assert q.recomputes_compiled(lin.weight)
+    assert not q.recomputes_compiled(lin.weight.detach())
+    assert not WeightQuantizer("q4_0", lin.weight, observer="mse").recomputes_compiled(lin.weight)
+    assert not WeightQuantizer("q4_0", lin.weight.cpu()).recomputes_compiled(lin.weight.cpu())

@@ -79,6 +79,7 @@ SWITCHES = {
     "+torch-search": ("QAT_GGML_QUANTIZE", "0"),  # k-quants: our torch search on the GPU, not llama.cpp's C encoder
     "+recompute": ("QAT_RECOMPUTE", "1"),  # w_hat and the clip mask recomputed in the backward, not kept
     "+no-recompute": ("QAT_RECOMPUTE", "0"),  # the matmul keeps w_hat and the STE its mask until the backward
+    "+step-cache": ("QAT_STEP_CACHE", "1"),  # w_hat once per optimizer step (qat/step_cache.py), as QATCallback(step_cache=True)
     "+compile-group": ("QAT_COMPILE_GROUP", "1"),  # compiled: every layer's fake quant in one op (kernels/batch.py)
 }
 
@@ -107,6 +108,12 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     env = {k: os.environ.get(k) for k, _ in SWITCHES.values()}
+    cache = None
+    if os.environ.get("QAT_STEP_CACHE") == "1":  # what QATCallback's hooks do around the optimizer step
+        from qat.step_cache import StepCache
+
+        cache = StepCache(model)
+        cache.refresh()
 
     def step():
         for k, v in env.items():  # interleaved variants each keep their own switches
@@ -116,8 +123,12 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
                 os.environ[k] = v
         loss = step_fn(input_ids=ids, labels=ids).loss
         loss.backward()
+        if cache is not None:
+            cache.flush()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cache is not None:
+            cache.refresh()
         return loss
 
     if keep is not None:  # interleaved timing: the caller runs the steps

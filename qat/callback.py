@@ -10,10 +10,12 @@ scales exist before the optimizer is built, and FSDP wraps the swapped layers. N
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .observers import WeightQuantizer
 from .prepare import freeze_observers, layer_errors, prepare, set_fake_quant_enabled
@@ -47,17 +49,23 @@ class QATCallback(L.Callback):
         act_observer: ``dynamic`` (per token) | ``moving_average``.
         skip_incompatible: leave layers the scheme cannot take in float (with a warning) instead of failing.
         log_every_n_steps: how often the per-layer error table goes to the logger (0: never).
+        step_cache: fake-quantize the small ``dynamic`` layers once per optimizer step instead of in every
+            forward and backward (``qat/step_cache.py``; same numbers). One device, not with fp16's GradScaler.
+            None: the ``QAT_STEP_CACHE`` environment variable (``1``: on); off by default.
     """
 
     def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
                  freeze_step: Optional[int] = None, observer: str = "dynamic", activations: Optional[str] = None,
-                 act_observer: str = "dynamic", skip_incompatible: bool = False, log_every_n_steps: int = 50):
+                 act_observer: str = "dynamic", skip_incompatible: bool = False, log_every_n_steps: int = 50,
+                 step_cache: Optional[bool] = None):
         super().__init__()
         self.scheme, self.rules = scheme, dict(rules or {})
         self.start_step, self.freeze_step = start_step, freeze_step
         self.observer, self.activations, self.act_observer = observer, activations, act_observer
         self.skip_incompatible, self.log_every_n_steps = skip_incompatible, log_every_n_steps
         self.last_errors: list[dict] = []
+        self.step_cache = step_cache
+        self._cache = None
 
     # -- surgery ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -89,20 +97,53 @@ class QATCallback(L.Callback):
         set_fake_quant_enabled(pl_module, step >= self.start_step)
         freeze_observers(pl_module, self.freeze_step is not None and step >= self.freeze_step)
 
+    # -- step cache ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        on = self.step_cache
+        if on is None:
+            on = os.environ.get("QAT_STEP_CACHE") == "1"
+        if not on:
+            return
+        why = ("it runs on one device (DDP/FSDP reduce the gradients of the weights the forward uses)"
+               if trainer.world_size > 1 else
+               "fp16's GradScaler unscales the gradients before the cache moves them to the weights"
+               if str(trainer.precision).startswith("16") and "mixed" in str(trainer.precision) else None)
+        if why:
+            rank_zero_warn(f"QATCallback: step_cache is off: {why}")
+            return
+        from .step_cache import StepCache
+
+        self._cache = StepCache(pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._cache is not None:
+            self._cache.flush()  # before Lightning clips the gradients, and before the optimizer reads them
+
     # -- schedule -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._apply_schedule(pl_module, trainer.global_step)
+        if self._cache is not None:
+            self._cache.refresh_if_stale()
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit":
             self._apply_schedule(pl_module, trainer.global_step)
+            if self._cache is not None:
+                self._cache.refresh_if_stale()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._cache is not None:
+            # right after the optimizer step, while the device still runs it
+            self._apply_schedule(pl_module, trainer.global_step)
+            self._cache.refresh_if_stale()
         step = trainer.global_step
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
             self.log_layer_errors(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
         if self.log_every_n_steps:
             self.log_layer_errors(trainer, pl_module)
 

@@ -22,6 +22,9 @@ __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "FAKE_QUANT_MODULES", "is_fa
 
 
 class FakeQuantLinear(nn.Linear):
+    _w_cache: Optional[Tensor] = None  # this step's w_hat, set by qat/step_cache.py
+    _w_cache_version = -1  # the weight's version it was computed from
+
     def __init__(self, linear: nn.Linear, weight_fake_quant: WeightQuantizer,
                  act_fake_quant: Optional[ActQuantizer] = None):
         nn.Module.__init__(self)
@@ -39,6 +42,9 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.act_fake_quant is not None:
             x = self.act_fake_quant(x)
+        cache = self._w_cache
+        if cache is not None and (torch.compiler.is_compiling() or self.weight._version == self._w_cache_version):
+            return F.linear(x, cache, self.bias)  # w_hat computed once per optimizer step (qat/step_cache.py)
         if torch.compiler.is_compiling():
             if self.weight_fake_quant.recomputes_compiled(self.weight):  # w_hat/mask recomputed in the backward
                 return F.linear(x, checkpoint(self._w_hat_as_used, self.weight, use_reentrant=False), self.bias)

@@ -163,7 +163,8 @@ def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
     from qat.modules import FakeQuantLinear
 
     for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so the teardown restores it (a delenv of an unset key is not)
+        monkeypatch.delenv(key)
     rows = {v: measure("tiny", v, 3, 50, "cpu") for v in ("bf16", "qat:q4_0", "qat:q4_0+recompute")}
     n = sum(m.weight.numel() for m in build("tiny", "qat:q4_0", "cpu").modules() if type(m) is FakeQuantLinear)
     assert n > 0

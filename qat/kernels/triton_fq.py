@@ -89,8 +89,9 @@ if HAS_TRITON:
     @triton.jit
     def _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
                  offset: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
-        # Blocks ``rows`` of one weight. qmin/qmax/offset are per-format float constants (constexpr: under
+                 HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, MODE: tl.constexpr):
+        # Blocks ``rows`` of one weight. MODE 0: w_hat to OUT and the clip mask to MASK; 1: w_hat only; 2: the
+        # STE backward in place, OUT holding the gradient of w_hat: OUT * mask (what w_hat is not written). qmin/qmax/offset are per-format float constants (constexpr: under
         # torch.compile a runtime float argument would arrive as fp64). Every product that feeds a sum is
         # mul_rn/add_rn: never contracted into an FMA, whatever compiler options launch us.
         cols = tl.arange(0, BLOCK)
@@ -160,15 +161,20 @@ if HAS_TRITON:
             w_hat = (codes - zero[:, None]) * s_st[:, None]
         else:
             w_hat = (codes - offset) * s_st[:, None]
-        tl.store(OUT + offs, w_hat.to(OUT.dtype.element_ty), mask=rmask[:, None])
-        tl.store(MASK + offs, (raw == codes).to(MASK.dtype.element_ty), mask=rmask[:, None])
+        if MODE == 2:  # torch's ``grad * mask`` bitwise: g where inside, else g * 0 (-g*0 = -0, nan*0 = nan)
+            g = tl.load(OUT + offs, mask=rmask[:, None], other=0.0)
+            tl.store(OUT + offs, tl.where(raw == codes, g, g * 0.0).to(OUT.dtype.element_ty), mask=rmask[:, None])
+        else:
+            tl.store(OUT + offs, w_hat.to(OUT.dtype.element_ty), mask=rmask[:, None])
+            if MODE == 0:
+                tl.store(MASK + offs, (raw == codes).to(MASK.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
     def _fq_kernel(W, OUT, MASK, SCALE, ZERO, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
                    offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
                    HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO, SCALE_F16)
+        _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO, SCALE_F16, 0)
 
     @triton.jit
     def _table_ptr(TABLE, layer, WDT: tl.constexpr, ALIGNED: tl.constexpr):
@@ -202,7 +208,27 @@ if HAS_TRITON:
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
         _fq_rows(W, OUT + off, MASK + off, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, True,
-                 HAS_ZERO, SCALE_F16)
+                 HAS_ZERO, SCALE_F16, 0)
+
+
+    @triton.jit
+    def _fq_table_kernel(WP, OP, SP, ZP, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr, offset: tl.constexpr,
+                         BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr,
+                         SCALE_F16: tl.constexpr, WDT: tl.constexpr, ALIGNED: tl.constexpr, DYNAMIC: tl.constexpr,
+                         MODE: tl.constexpr):
+        # Many weights of one format in one launch, every output its own tensor (addresses in OP): the step
+        # cache (qat/step_cache.py). MODE 1 with DYNAMIC: the reference rule's parameters into the observer
+        # buffers (SP, ZP) and w_hat into OP; MODE 2 without: OP holds the gradients of w_hat, masked in place
+        # by the clip mask of the stored parameters.
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        W = _table_ptr(WP, layer, WDT, ALIGNED)
+        O = _table_ptr(OP, layer, WDT, ALIGNED)
+        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
+        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
+        _fq_rows(W, O, O, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
+                 SCALE_F16, MODE)
 
 
 if HAS_TRITON:

@@ -1,0 +1,194 @@
+"""Fake quant once per optimizer step: the step cache.
+
+A fake-quantized linear normally runs its fake quant in every forward (one kernel per layer) and its STE in
+every backward (``grad * mask``, one more kernel per layer). On a model of many small layers that is
+latency, not bandwidth: SmolLM2-135M has 210 of them, ~2-3 us of GPU time each plus their launch gaps,
+and its compiled QAT step stayed at 1.026x bf16's with every other cost removed (BENCHMARKS.md).
+
+Between two optimizer steps the weights do not change, so neither do ``w_hat`` and the clip mask. The step
+cache computes every covered layer's ``w_hat`` in one launch right after the optimizer step, into a tensor
+per layer that the forward multiplies by (``FakeQuantLinear._w_cache``, a leaf that takes the gradient of
+``w_hat``): the forward and backward graphs are then those of an unquantized model. Before the next
+optimizer step, one more launch recomputes the clip masks from the unchanged weights and stored parameters
+and moves ``mask * grad(w_hat)`` to ``weight.grad``: the STE's gradient, bitwise (the same product), and
+for gradient accumulation too (the mask is the same for every micro-batch).
+
+Covered: ``FakeQuantLinear`` layers with an affine format and the ``dynamic`` rule (not frozen), whose weight
+no other fake-quant module shares, below the recompute path's size (``RECOMPUTE_MIN_NUMEL`` on CUDA: a
+cache keeps ``w_hat`` for the whole step, which large layers recompute instead to save memory). Anything
+else keeps its path. One launch per (format, dtype) on CUDA with Triton; elsewhere the same numbers per
+layer with torch (``ste_forward``, what the eager STE computes).
+
+Who calls it: ``QATCallback(step_cache=True)`` on one device (a weight the forward does not use gets no
+gradient from DDP's reducer; and with fp16's GradScaler the gradients are unscaled before the hook that
+moves them). In a plain loop::
+
+    cache = StepCache(model)
+    for batch in data:
+        cache.refresh()            # after every change of the weights (here: the optimizer step)
+        loss = model(batch); loss.backward()
+        cache.flush()              # before the optimizer reads .grad (and before clipping)
+        opt.step(); opt.zero_grad()
+    cache.close()
+
+A layer whose weight changed since the last ``refresh`` (eager: ``weight._version``) ignores its cache and
+fake-quantizes as usual, so a missed ``refresh`` costs speed, not numbers. Under ``torch.compile`` that check
+is not traced: there ``refresh`` must follow every change of the weights (the callback does it).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .fake_quant import ste_forward
+from .formats import AffineFormat
+from .kernels import triton_fq as tfq
+from .modules import FakeQuantLinear, is_fake_quant
+
+__all__ = ["StepCache"]
+
+_WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class StepCache:
+    def __init__(self, model: nn.Module):
+        from . import observers
+
+        users: dict[int, int] = {}
+        for m in model.modules():
+            if is_fake_quant(m):
+                users[id(m.weight)] = users.get(id(m.weight), 0) + 1
+        switch = os.environ.get("QAT_RECOMPUTE", "")
+        self.modules: list[FakeQuantLinear] = []
+        for m in model.modules():
+            q = getattr(m, "weight_fake_quant", None)
+            if not (isinstance(m, FakeQuantLinear) and q is not None and isinstance(q.fmt, AffineFormat)):
+                continue
+            if q.observer != "dynamic" or users[id(m.weight)] > 1 or switch == "1":
+                continue
+            if switch != "0" and m.weight.is_cuda and m.weight.numel() >= observers.RECOMPUTE_MIN_NUMEL:
+                continue
+            self.modules.append(m)
+        self._tables: dict = {}
+        self._versions: Optional[list] = None
+        self.refreshes = 0  # how many times ``refresh`` ran
+        self.moved = 0  # gradients ``flush`` moved to weights, in total
+
+    # -- which layers use their cache this step ---------------------------------------------------------
+    def _live(self) -> list[FakeQuantLinear]:
+        live = []
+        for m in self.modules:
+            q = m.weight_fake_quant
+            if q.enabled and not q._frozen and m.weight.requires_grad:
+                live.append(m)
+            else:
+                m._w_cache = None
+        return live
+
+    def _state(self) -> list:
+        return [(m.weight._version, m.weight.data_ptr(), m.weight_fake_quant.enabled, m.weight_fake_quant._frozen)
+                for m in self.modules]
+
+    def stale(self) -> bool:
+        """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, since the last
+        ``refresh``."""
+        return self._versions != self._state()
+
+    # -- after every change of the weights ------------------------------------------------------------------
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Every live layer's ``w_hat`` into its cache (and, as a forward would, the observer's parameters
+        into its buffers)."""
+        live = self._live()
+        for m in live:
+            c = m._w_cache
+            if c is None or c.shape != m.weight.shape or c.dtype != m.weight.dtype or c.device != m.weight.device:
+                m._w_cache = torch.empty_like(m.weight, memory_format=torch.contiguous_format).requires_grad_(True)
+        for group, fused in self._groups(live):
+            if fused:
+                self._launch(group, [m._w_cache for m in group], dynamic=True, mode=1)
+            else:
+                for m in group:
+                    q = m.weight_fake_quant
+                    q.observe(m.weight)
+                    m._w_cache.copy_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[0])
+        for m in live:
+            m._w_cache_version = m.weight._version
+        self._versions = self._state()
+        self.refreshes += 1
+
+    def refresh_if_stale(self) -> None:
+        if self.stale():
+            self.refresh()
+
+    # -- before the optimizer reads .grad ------------------------------------------------------------------
+    @torch.no_grad()
+    def flush(self) -> None:
+        """``weight.grad (+)= mask * grad(w_hat)`` for every layer whose cache took a gradient."""
+        took = [m for m in self.modules if m._w_cache is not None and m._w_cache.grad is not None]
+        for group, fused in self._groups(took):
+            grads = [m._w_cache.grad.contiguous() for m in group]
+            if fused:
+                self._launch(group, grads, dynamic=False, mode=2)
+            else:
+                for m, g in zip(group, grads):
+                    q = m.weight_fake_quant
+                    g.mul_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[1])
+            for m, g in zip(group, grads):
+                m._w_cache.grad = None
+                if m.weight.grad is None:
+                    m.weight.grad = g
+                else:
+                    m.weight.grad += g
+            self.moved += len(group)
+
+    def close(self) -> None:
+        """Back to fake quant in every forward (frees the caches)."""
+        for m in self.modules:
+            m._w_cache = None
+        self._versions = None
+
+    # -- launches --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _groups(mods: list) -> list[tuple[list, bool]]:
+        """``mods`` by (format, dtype), each with whether the multi-layer kernel takes it."""
+        by: dict = {}
+        for m in mods:
+            by.setdefault((m.weight_fake_quant.fmt.name, m.weight.dtype, m.weight.device), []).append(m)
+        out = []
+        for group in by.values():
+            w, fmt = group[0].weight, group[0].weight_fake_quant.fmt
+            fused = (tfq.HAS_TRITON and (w.is_cuda or tfq.INTERPRET) and w.dtype in _WDT and tfq.kernel_kind(fmt) is not None
+                     and not os.environ.get("QAT_DISABLE_TRITON")
+                     and all(m.weight.is_contiguous() and m.weight.shape[-1] % fmt.block == 0 for m in group))
+            out.append((group, fused))
+        return out
+
+    def _launch(self, group: list, outs: list[Tensor], dynamic: bool, mode: int) -> None:
+        from .kernels.batch import _tables_for
+
+        fmt = group[0].weight_fake_quant.fmt
+        weights = [m.weight for m in group]
+        scales = [m.weight_fake_quant.scale for m in group]
+        zeros = [m.weight_fake_quant.zero for m in group]
+        data_ptr = Tensor.data_ptr
+        key = (fmt.name, tuple(map(data_ptr, weights)), tuple(map(data_ptr, scales)))
+        tab = self._tables.get(key)
+        if tab is None:
+            if len(self._tables) >= 8:
+                del self._tables[next(iter(self._tables))]
+            tab = self._tables[key] = _tables_for(weights, scales, zeros, fmt)
+        wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, aligned = tab
+        ptrs = list(map(data_ptr, outs))
+        op = torch.tensor(ptrs, dtype=torch.int64)
+        if op.device != weights[0].device:
+            op = op.pin_memory().to(weights[0].device, non_blocking=True)
+        tfq._fq_table_kernel[(pl.numel(),)](
+            wp, op, sp, zp, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
+            BLOCK=block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
+            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[weights[0].dtype],
+            ALIGNED=aligned and all(p % 16 == 0 for p in ptrs), DYNAMIC=dynamic, MODE=mode, num_warps=4,
+            **tfq.launch_opts())

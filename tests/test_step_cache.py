@@ -1,0 +1,272 @@
+"""The step cache (qat/step_cache.py): fake quant once per optimizer step gives the numbers of fake quant in
+every forward, bitwise (losses, gradients, weights, observer state; gradient accumulation, autocast, a
+switch-on step, Lightning with clipping), and falls back where it cannot be used.
+
+CPU (torch path) here; the multi-layer kernel through Triton's CPU interpreter where triton is installed,
+and on CUDA, eager and compiled (gpu marker).
+"""
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import tiny_llama  # noqa: E402
+
+import qat  # noqa: E402
+from qat import QATCallback  # noqa: E402
+from qat.modules import FakeQuantLinear  # noqa: E402
+from qat.step_cache import StepCache  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _switches_unset(monkeypatch):
+    """No QAT_* switch from the environment (or from another test) decides what the cache covers."""
+    for key in ("QAT_RECOMPUTE", "QAT_STEP_CACHE", "QAT_DISABLE_TRITON", "QAT_BATCHED_FQ"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
+           rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True):
+    """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces."""
+    torch.manual_seed(0)
+    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=tie)
+    qat.prepare(m, scheme, rules=rules, observer=observer)
+    m.to(device=device, dtype=dtype).train()
+    if compile:
+        torch._dynamo.reset()
+    fwd = torch.compile(m) if compile else m
+    cache = StepCache(m) if cached else None
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    losses, grads = [], []
+    for step in range(steps):
+        qat.set_fake_quant_enabled(m, step >= start_step)
+        if cache is not None and (refresh or step == 0):
+            cache.refresh_if_stale()
+        for _ in range(accum):
+            ids = torch.randint(0, 256, (2, 16), generator=g).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                loss = fwd(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach().cpu())
+        if cache is not None:
+            cache.flush()
+        grads.append({n: p.grad.detach().cpu().clone() for n, p in m.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    if cache is not None:
+        cache.refresh_if_stale()
+    with torch.no_grad():
+        logits = fwd(input_ids=ids).logits.cpu()
+    state = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+    return dict(model=m, cache=cache, losses=losses, grads=grads, logits=logits, state=state)
+
+
+def _assert_same(a: dict, b: dict, what, state=True) -> None:
+    assert all(torch.equal(x, y) for x, y in zip(a["losses"], b["losses"])), (what, "losses", a["losses"], b["losses"])
+    for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
+        assert ga.keys() == gb.keys(), (what, step, set(ga) ^ set(gb))
+        bad = [n for n in ga if not torch.equal(ga[n], gb[n])]
+        assert not bad, (what, "grads differ at step", step, bad[:5])
+    assert torch.equal(a["logits"], b["logits"]), (what, "eval logits")
+    if state:
+        bad = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
+        assert not bad, (what, "state", bad[:5])
+
+
+CASES = {
+    "q4_0": dict(scheme="q4_0"),
+    "int4_w_g32": dict(scheme="int4_w_g32"),
+    "q4_1 (min), tied head quantized": dict(scheme="q4_1", tie=True, rules={"lm_head": "q4_1"}),
+    "q8_0 bf16 weights": dict(scheme="q8_0", dtype=torch.bfloat16),
+    "q4_0 autocast bf16": dict(scheme="q4_0", autocast=True),
+    "q4_0 2 micro-batches per step": dict(scheme="q4_0", accum=2),
+    "q4_0 switched on at step 2": dict(scheme="q4_0", start_step=2, steps=4),
+    "int4_asym_g32 mse (not covered)": dict(scheme="int4_asym_g32", observer="mse"),
+    "q4_0 learned (not covered)": dict(scheme="q4_0", observer="learned"),
+}
+
+
+def _check(device: str, names=tuple(CASES), **extra) -> None:
+    for name in names:
+        kw = dict(CASES[name], **extra)
+        a, b = _train(False, device=device, **kw), _train(True, device=device, **kw)
+        _assert_same(a, b, name)
+        n_lin = sum(isinstance(mod, FakeQuantLinear) for mod in b["model"].modules())
+        covered = len(b["cache"].modules)
+        steps = kw.get("steps", 3)
+        if "not covered" in name:
+            assert covered == 0, name
+        else:
+            # every linear; a tied head too (the embedding sharing its weight is no fake-quant module here):
+            # its weight.grad then adds the embedding's gradient and the cache's
+            assert covered == n_lin, (name, covered, n_lin)
+            # a refresh before every step (the weights changed in each) and one after the last; every step's
+            # gradients came through the caches
+            assert b["cache"].moved == covered * (steps - kw.get("start_step", 0)), (name, b["cache"].moved)
+            assert b["cache"].refreshes == steps + 1, (name, b["cache"].refreshes)
+
+
+def test_same_numbers_as_fake_quant_every_forward():
+    _check("cpu")
+
+
+def test_missed_refresh_falls_back_to_fake_quant(monkeypatch):
+    """Weights changed after ``refresh`` (no refresh after the optimizer steps): the layers ignore their
+    caches, fake-quantize as usual, and the numbers stay those of the uncached run."""
+    a = _train(False)
+    b = _train(True, refresh=False)
+    _assert_same(a, b, "no refresh")
+    assert all(m._w_cache.grad is None for m in b["cache"].modules)
+
+
+def test_coverage(monkeypatch):
+    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=1, tie=True)
+    # the embedding and the tied head, both quantized: one weight, two fake-quant modules: not covered
+    qat.prepare(m, "q4_0", rules={"*embed_tokens": "q4_0", "lm_head": "q4_0"})
+    cache = StepCache(m)
+    assert m.lm_head not in cache.modules
+    assert len(cache.modules) == 7
+    monkeypatch.setenv("QAT_RECOMPUTE", "1")  # recomputing layers keep no w_hat; a cache would keep one
+    assert StepCache(m).modules == []
+    qat.freeze_observers(m)  # frozen: fake quant from the stored parameters, as before
+    monkeypatch.delenv("QAT_RECOMPUTE")
+    cache = StepCache(m)
+    cache.refresh()
+    assert all(mod._w_cache is None for mod in cache.modules)
+
+
+def test_close_and_export_read_the_weights():
+    b = _train(True)
+    m, cache = b["model"], b["cache"]
+    assert all(mod._w_cache is not None for mod in cache.modules)
+    q = {n: mod.quantize() for n, mod in qat.fake_quant_modules(m)}
+    for mod in cache.modules:  # the cache holds exactly what quantize() (export) gives for the weight now
+        name = next(n for n, x in m.named_modules() if x is mod)
+        w_file = mod.weight_fake_quant.fmt.dequantize(q[name]).to(mod.weight.dtype).reshape(mod.weight.shape)
+        assert torch.equal(mod._w_cache.detach(), w_file), name
+    cache.close()
+    assert all(mod._w_cache is None for mod in cache.modules)
+    assert "_w_cache" not in str(list(m.state_dict()))
+
+
+class _LM(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+
+    def training_step(self, batch, _):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def _fit(step_cache: bool, **kw):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.randint(0, 256, (32, 16), generator=g), batch_size=4)
+    module = _LM()
+    cb = QATCallback("q4_0", start_step=1, step_cache=step_cache, log_every_n_steps=0)
+    t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, deterministic=True, val_check_interval=2, limit_val_batches=2,
+                  gradient_clip_val=0.05, accumulate_grad_batches=2, callbacks=[cb], **kw)
+    t.fit(module, data, data)
+    return module, cb, t
+
+
+def test_lightning_same_weights_with_clipping_accumulation_and_validation():
+    a, _, ta = _fit(False)
+    seen = []
+    orig = StepCache.flush
+
+    def flush(self):
+        orig(self)
+        seen.append(self.moved)
+
+    StepCache.flush = flush
+    try:
+        b, cb, tb = _fit(True)
+    finally:
+        StepCache.flush = orig
+    assert seen == [0, 14, 28, 42], seen  # 4 optimizer steps, fake quant from step 1: all 14 layers in 3
+    assert cb._cache is None and all(m._w_cache is None for m in b.modules() if isinstance(m, FakeQuantLinear))
+    sa, sb = a.state_dict(), b.state_dict()
+    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not bad, bad[:5]
+    assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])
+
+
+def test_lightning_step_cache_switch(monkeypatch):
+    class _T:  # what on_train_start reads
+        world_size, precision = 2, "bf16-mixed"
+
+    cb = QATCallback("q4_0", step_cache=True)
+    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
+        cb.on_train_start(_T(), _LM())
+    assert cb._cache is None
+    _T.world_size, _T.precision = 1, "16-mixed"
+    with pytest.warns(UserWarning, match="GradScaler"):
+        cb.on_train_start(_T(), _LM())
+    assert cb._cache is None
+    _T.precision = "bf16-mixed"
+    module = _LM()
+    qat.prepare(module, "q4_0")
+    QATCallback("q4_0").on_train_start(_T(), module)  # off by default
+    monkeypatch.setenv("QAT_STEP_CACHE", "1")
+    cb = QATCallback("q4_0")
+    cb.on_train_start(_T(), module)
+    assert cb._cache is not None and len(cb._cache.modules) == 14
+
+
+# -- the multi-layer kernel ---------------------------------------------------------------------------------
+
+def _kernel_checks(device: str) -> None:
+    from qat.step_cache import StepCache as SC
+
+    launched = []
+    orig = SC._launch
+
+    def spy(self, group, outs, dynamic, mode):
+        launched.append((len(group), mode))
+        return orig(self, group, outs, dynamic, mode)
+
+    SC._launch = spy
+    names = [n for n in CASES if "not covered" not in n]
+    _check(device, names)
+    assert launched and {mode for _, mode in launched} == {1, 2}, launched
+    print("step cache kernel checks passed")
+
+
+def test_kernel_path_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _kernel_checks; _kernel_checks('cpu')", "step cache kernel checks passed")
+
+
+@pytest.mark.gpu
+def test_kernel_path_cuda():
+    _kernel_checks("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["q4_0", "q4_0 autocast bf16", "q8_0 bf16 weights", "q4_0 switched on at step 2"])
+def test_compiled_same_numbers_and_graph_inputs(name):
+    """Compiled with the cache: the numbers of the compiled run without it (both compiled), and no fake-quant
+    kernel in the graph (the forward is an unquantized model's)."""
+    kw = dict(CASES[name], steps=4)
+    a = _train(False, device="cuda", compile=True, **kw)
+    b = _train(True, device="cuda", compile=True, **kw)
+    if kw.get("dtype") == torch.bfloat16:
+        _assert_same(a, b, name)
+    else:  # inductor's reduction order may differ between the two graphs (see test_recompute.py)
+        assert torch.equal(a["losses"][0], b["losses"][0])
+        torch.testing.assert_close(torch.stack(a["losses"]), torch.stack(b["losses"]), rtol=1e-3, atol=0)

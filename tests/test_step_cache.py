@@ -5,7 +5,6 @@ switch-on step, Lightning with clipping), and falls back where it cannot be used
 CPU (torch path) here; the multi-layer kernel through Triton's CPU interpreter where triton is installed,
 and on CUDA, eager and compiled (gpu marker).
 """
-import os
 import sys
 from pathlib import Path
 

@@ -15,9 +15,12 @@ for gradient accumulation too (the mask is the same for every micro-batch).
 
 Covered: ``FakeQuantLinear`` layers with an affine format and the ``dynamic`` rule (not frozen), whose weight
 no other fake-quant module shares, below the recompute path's size (``RECOMPUTE_MIN_NUMEL`` on CUDA: a
-cache keeps ``w_hat`` for the whole step, which large layers recompute instead to save memory). Anything
-else keeps its path. One launch per (format, dtype) on CUDA with Triton; elsewhere the same numbers per
-layer with torch (``ste_forward``, what the eager STE computes).
+cache keeps ``w_hat`` for the whole step, which large layers recompute instead to save memory); and k-quant
+layers (``q4_k`` ... and the ``_k_m`` mixes' k-quant tensors), whose STE is the identity, so ``flush`` only
+moves their gradients (they do not recompute by default either). Anything else keeps its path. Affine
+formats: one launch per (format, dtype) on CUDA with Triton; elsewhere the same numbers per layer with torch
+(``ste_forward``, what the eager STE computes). K-quants: the group search of ``kernels/batch.py`` (all
+layers of one type at once, bitwise the per-layer result), then a copy into each cache.
 
 Who calls it: ``QATCallback(step_cache=True)`` on one device (a weight the forward does not use gets no
 gradient from DDP's reducer; and with fp16's GradScaler the gradients are unscaled before the hook that
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 from .fake_quant import ste_forward
 from .formats import AffineFormat
 from .kernels import triton_fq as tfq
+from .kernels.batch import _is_kquant, _kquant_flat
 from .modules import FakeQuantLinear, is_fake_quant
 
 __all__ = ["StepCache"]
@@ -65,9 +69,13 @@ class StepCache:
         self.modules: list[FakeQuantLinear] = []
         for m in model.modules():
             q = getattr(m, "weight_fake_quant", None)
-            if not (isinstance(m, FakeQuantLinear) and q is not None and isinstance(q.fmt, AffineFormat)):
+            if not isinstance(m, FakeQuantLinear) or q is None or q.observer != "dynamic" or users[id(m.weight)] > 1:
                 continue
-            if q.observer != "dynamic" or users[id(m.weight)] > 1 or switch == "1":
+            if _is_kquant(q.fmt):
+                if switch != "1":
+                    self.modules.append(m)
+                continue
+            if not isinstance(q.fmt, AffineFormat) or switch == "1":
                 continue
             if switch != "0" and m.weight.is_cuda and m.weight.numel() >= observers.RECOMPUTE_MIN_NUMEL:
                 continue
@@ -108,7 +116,11 @@ class StepCache:
             if c is None or c.shape != m.weight.shape or c.dtype != m.weight.dtype or c.device != m.weight.device:
                 m._w_cache = torch.empty_like(m.weight, memory_format=torch.contiguous_format).requires_grad_(True)
         for group, fused in self._groups(live):
-            if fused:
+            if _is_kquant(group[0].weight_fake_quant.fmt):
+                flat, _ = _kquant_flat(group[0].weight_fake_quant.fmt, [m.weight for m in group])
+                for m, w_hat in zip(group, flat.split([m.weight.numel() for m in group])):
+                    m._w_cache.copy_(w_hat.view(m.weight.shape))
+            elif fused:
                 self._launch(group, [m._w_cache for m in group], dynamic=True, mode=1)
             else:
                 for m in group:
@@ -131,7 +143,9 @@ class StepCache:
         took = [m for m in self.modules if m._w_cache is not None and m._w_cache.grad is not None]
         for group, fused in self._groups(took):
             grads = [m._w_cache.grad.contiguous() for m in group]
-            if fused:
+            if _is_kquant(group[0].weight_fake_quant.fmt):
+                pass  # the plain STE: the gradient of w_hat is the weight's
+            elif fused:
                 self._launch(group, grads, dynamic=False, mode=2)
             else:
                 for m, g in zip(group, grads):
@@ -161,7 +175,8 @@ class StepCache:
         out = []
         for group in by.values():
             w, fmt = group[0].weight, group[0].weight_fake_quant.fmt
-            fused = (tfq.HAS_TRITON and (w.is_cuda or tfq.INTERPRET) and w.dtype in _WDT and tfq.kernel_kind(fmt) is not None
+            fused = (tfq.HAS_TRITON and (w.is_cuda or tfq.INTERPRET) and w.dtype in _WDT
+                     and isinstance(fmt, AffineFormat) and tfq.kernel_kind(fmt) is not None
                      and not os.environ.get("QAT_DISABLE_TRITON")
                      and all(m.weight.is_contiguous() and m.weight.shape[-1] % fmt.block == 0 for m in group))
             out.append((group, fused))

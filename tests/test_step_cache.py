@@ -31,10 +31,10 @@ def _switches_unset(monkeypatch):
 
 
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
-           rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True):
+           rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128):
     """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces."""
     torch.manual_seed(0)
-    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=2, tie=tie)
+    m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
     qat.prepare(m, scheme, rules=rules, observer=observer)
     m.to(device=device, dtype=dtype).train()
     if compile:
@@ -87,6 +87,8 @@ CASES = {
     "q4_0 autocast bf16": dict(scheme="q4_0", autocast=True),
     "q4_0 2 micro-batches per step": dict(scheme="q4_0", accum=2),
     "q4_0 switched on at step 2": dict(scheme="q4_0", start_step=2, steps=4),
+    # k-quants on 256-multiple widths (q4_k, q6_k by llama.cpp's mix rules), the plain STE
+    "q4_k_m": dict(scheme="q4_k_m", hidden=256, inter=512, steps=2),
     "int4_asym_g32 mse (not covered)": dict(scheme="int4_asym_g32", observer="mse"),
     "q4_0 learned (not covered)": dict(scheme="q4_0", observer="learned"),
 }
@@ -110,6 +112,8 @@ def _check(device: str, names=tuple(CASES), **extra) -> None:
             # gradients came through the caches
             assert b["cache"].moved == covered * (steps - kw.get("start_step", 0)), (name, b["cache"].moved)
             assert b["cache"].refreshes == steps + 1, (name, b["cache"].refreshes)
+            kq = {mod.weight_fake_quant.fmt.name for mod in b["cache"].modules if "_k" in mod.weight_fake_quant.fmt.name}
+            assert bool(kq) == ("_k_" in name), (name, kq)  # the mix's k-quant layers are covered too
 
 
 def test_same_numbers_as_fake_quant_every_forward():

@@ -104,10 +104,11 @@ class QATCallback(L.Callback):
             on = os.environ.get("QAT_STEP_CACHE") == "1"
         if not on:
             return
-        why = ("it runs on one device (DDP/FSDP reduce the gradients of the weights the forward uses)"
-               if trainer.world_size > 1 else
-               "fp16's GradScaler unscales the gradients before the cache moves them to the weights"
-               if str(trainer.precision).startswith("16") and "mixed" in str(trainer.precision) else None)
+        why = None
+        if trainer.world_size > 1:
+            why = "it runs on one device (DDP/FSDP reduce the gradients of the weights the forward uses)"
+        elif str(trainer.precision) == "16-mixed":
+            why = "fp16's GradScaler unscales the gradients before the cache moves them to the weights"
         if why:
             rank_zero_warn(f"QATCallback: step_cache is off: {why}")
             return

@@ -39,7 +39,6 @@ __all__ = ["OBSERVERS", "WeightQuantizer", "ActQuantizer", "mse_params"]
 RECOMPUTE_MIN_NUMEL = 1 << 22
 
 
-
 @torch.compiler.assume_constant_result
 def _recompute_switch() -> str:
     """``QAT_RECOMPUTE`` as a constant of the compiled graph (read once, when dynamo traces)."""
@@ -201,15 +200,16 @@ class WeightQuantizer(_Freezable):
         return switch == "1" or (switch != "0" and w.is_cuda and self.affine and w.numel() >= RECOMPUTE_MIN_NUMEL)
 
     def recomputes_compiled(self, w: Tensor) -> bool:
-        """Whether a ``FakeQuantLinear`` traced by ``torch.compile`` wraps its fake quant + matmul in
-        ``torch.utils.checkpoint`` (``modules.py``), so AOTAutograd's partitioner recomputes ``w_hat`` and the
-        clip mask in the backward instead of saving them: the compiled counterpart of the eager recompute
-        path, by the same rule (``QAT_RECOMPUTE``, read once at trace time; unset: CUDA weights of at least
-        ``RECOMPUTE_MIN_NUMEL`` elements). Only where the per-layer kernel op runs (``can_fuse``), not the
-        one-op group (``QAT_COMPILE_GROUP``, k-quants), which computes every ``w_hat`` up front, and only for
-        ``dynamic`` (frozen or not): ``mse`` writes its buffers in the forward.
-        Measured on an H200, ~1B Llama config, batch 4 x 2048, compiled q4_0: peak memory 1.122x bf16's
-        without it (BENCHMARKS.md)."""
+        """Whether a ``FakeQuantLinear`` traced by ``torch.compile`` computes ``w_hat`` in a
+        ``torch.utils.checkpoint`` region (``FakeQuantLinear._w_hat_as_used``), so AOTAutograd's partitioner
+        recomputes ``w_hat`` and the clip mask in the backward instead of saving them: the compiled
+        counterpart of the eager recompute path, by the same rule (``QAT_RECOMPUTE``, read once at trace
+        time; unset: CUDA weights of at least ``RECOMPUTE_MIN_NUMEL`` elements). Only where the per-layer
+        kernel op runs (``can_fuse``), not the one-op group (``QAT_COMPILE_GROUP``, k-quants), which computes
+        every ``w_hat`` up front, and only for ``dynamic`` (frozen or not): ``mse`` writes its buffers in the
+        forward.
+        Measured on an H200, ~1B Llama config, batch 4 x 2048, compiled q4_0: peak memory 1.122x -> 1.009x
+        bf16's, step 1.027x -> 1.032x (BENCHMARKS.md)."""
         if not (self.enabled and self.affine and w.requires_grad and torch.is_grad_enabled()):
             return False
         if getattr(self, "_w_hat", None) is not None or self.observer != "dynamic" or not can_fuse(w, self.fmt):

@@ -12,8 +12,9 @@ Bitwise today's numbers: forward and backward issue the aten calls, with the lay
 ``linear`` -> ``addmm``/``mm`` backward issues (``mm_mat1_backward``/``mm_mat2_backward``, ``sum_to``
 for the bias), and autocast's casts, so any device runs the same kernels (tests/test_recompute.py).
 
-Not used (the layer keeps ``F.linear(x, fake_quant(w))``): under ``torch.compile`` (it traces the fused
-``triton_op``; AOTAutograd picks what to save), without grad, for frozen weights, and for QLoRA layers.
+Not used (the layer keeps ``F.linear(x, fake_quant(w))``): under ``torch.compile`` (there the same rule puts
+the fused ``triton_op`` in a ``torch.utils.checkpoint`` region and AOTAutograd's partitioner recomputes it:
+``WeightQuantizer.recomputes_compiled``), without grad, for frozen weights, and for QLoRA layers.
 Double backward through it is not supported.
 """
 from __future__ import annotations

@@ -90,8 +90,9 @@ if HAS_TRITON:
     def _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
                  offset: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
                  HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, MODE: tl.constexpr):
-        # Blocks ``rows`` of one weight. MODE 0: w_hat to OUT and the clip mask to MASK; 1: w_hat only; 2: the
-        # STE backward in place, OUT holding the gradient of w_hat: OUT * mask (what w_hat is not written). qmin/qmax/offset are per-format float constants (constexpr: under
+        # Blocks ``rows`` of one weight. MODE 0: w_hat to OUT and the clip mask to MASK; 1: w_hat to OUT only;
+        # 2: the STE backward in place, OUT holding the gradient of w_hat, which becomes OUT * mask (no w_hat
+        # written). qmin/qmax/offset are per-format float constants (constexpr: under
         # torch.compile a runtime float argument would arrive as fp64). Every product that feeds a sum is
         # mul_rn/add_rn: never contracted into an FMA, whatever compiler options launch us.
         cols = tl.arange(0, BLOCK)
@@ -174,7 +175,8 @@ if HAS_TRITON:
                    offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
                    HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO, SCALE_F16, 0)
+        _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
+                 SCALE_F16, 0)
 
     @triton.jit
     def _table_ptr(TABLE, layer, WDT: tl.constexpr, ALIGNED: tl.constexpr):
@@ -209,7 +211,6 @@ if HAS_TRITON:
         off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
         _fq_rows(W, OUT + off, MASK + off, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, True,
                  HAS_ZERO, SCALE_F16, 0)
-
 
     @triton.jit
     def _fq_table_kernel(WP, OP, SP, ZP, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr, offset: tl.constexpr,

@@ -63,13 +63,31 @@ def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     f = torch.compile(model) if compiled else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    cache = step_cache(model)
 
     def step():
         f(input_ids=ids, labels=ids).loss.backward()
+        if cache is not None:
+            cache.flush()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cache is not None:
+            cache.refresh()
 
     return model, step
+
+
+def step_cache(model):
+    """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
+    ``model``: the step then calls ``flush`` before and ``refresh`` after the optimizer step, as
+    ``QATCallback(step_cache=True)`` does. Otherwise None."""
+    if os.environ.get("QAT_STEP_CACHE") != "1":
+        return None
+    from qat.step_cache import StepCache
+
+    cache = StepCache(model)
+    cache.refresh()
+    return cache
 
 
 # variant suffixes: the environment switch each one sets for its variant
@@ -108,12 +126,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     env = {k: os.environ.get(k) for k, _ in SWITCHES.values()}
-    cache = None
-    if os.environ.get("QAT_STEP_CACHE") == "1":  # what QATCallback's hooks do around the optimizer step
-        from qat.step_cache import StepCache
-
-        cache = StepCache(model)
-        cache.refresh()
+    cache = step_cache(model)
 
     def step():
         for k, v in env.items():  # interleaved variants each keep their own switches

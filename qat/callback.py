@@ -49,7 +49,7 @@ class QATCallback(L.Callback):
         act_observer: ``dynamic`` (per token) | ``moving_average``.
         skip_incompatible: leave layers the scheme cannot take in float (with a warning) instead of failing.
         log_every_n_steps: how often the per-layer error table goes to the logger (0: never).
-        step_cache: fake-quantize the small ``dynamic`` layers once per optimizer step instead of in every
+        step_cache: fake-quantize the small non-``learned`` layers once per optimizer step instead of in every
             forward and backward (``qat/step_cache.py``; same numbers). One device, not with fp16's GradScaler.
             None: the ``QAT_STEP_CACHE`` environment variable (``1``: on); off by default.
     """

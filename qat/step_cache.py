@@ -13,8 +13,8 @@ optimizer step, one more launch recomputes the clip masks from the unchanged wei
 and moves ``mask * grad(w_hat)`` to ``weight.grad``: the STE's gradient, bitwise (the same product), and
 for gradient accumulation too (the mask is the same for every micro-batch).
 
-Covered: ``FakeQuantLinear`` layers with an affine format and the ``dynamic`` rule (not frozen), whose weight
-no other fake-quant module shares, below the recompute path's size (``RECOMPUTE_MIN_NUMEL`` on CUDA: a
+Covered: ``FakeQuantLinear`` layers with an affine format and the ``dynamic`` or ``mse`` observer (frozen or
+not; ``learned`` scales take gradients of their own), whose weight no other fake-quant module shares, below the recompute path's size (``RECOMPUTE_MIN_NUMEL`` on CUDA: a
 cache keeps ``w_hat`` for the whole step, which large layers recompute instead to save memory); and k-quant
 layers (``q4_k`` ... and the ``_k_m`` mixes' k-quant tensors), whose STE is the identity, so ``flush`` only
 moves their gradients (they do not recompute by default either). Anything else keeps its path. Affine
@@ -57,6 +57,12 @@ __all__ = ["StepCache"]
 _WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def _rule_in_kernel(m) -> bool:
+    """Whether the refresh kernel computes the layer's parameters (the ``dynamic`` rule, not frozen)."""
+    q = m.weight_fake_quant
+    return q.observer == "dynamic" and not q._frozen
+
+
 class StepCache:
     def __init__(self, model: nn.Module):
         from . import observers
@@ -69,7 +75,7 @@ class StepCache:
         self.modules: list[FakeQuantLinear] = []
         for m in model.modules():
             q = getattr(m, "weight_fake_quant", None)
-            if not isinstance(m, FakeQuantLinear) or q is None or q.observer != "dynamic" or users[id(m.weight)] > 1:
+            if not isinstance(m, FakeQuantLinear) or q is None or q.observer == "learned" or users[id(m.weight)] > 1:
                 continue
             if _is_kquant(q.fmt):
                 if switch != "1":
@@ -90,7 +96,7 @@ class StepCache:
         live = []
         for m in self.modules:
             q = m.weight_fake_quant
-            if q.enabled and not q._frozen and m.weight.requires_grad:
+            if q.enabled and m.weight.requires_grad:
                 live.append(m)
             else:
                 m._w_cache = None
@@ -121,7 +127,11 @@ class StepCache:
                 for m, w_hat in zip(group, flat.split([m.weight.numel() for m in group])):
                     m._w_cache.copy_(w_hat.view(m.weight.shape))
             elif fused:
-                self._launch(group, [m._w_cache for m in group], dynamic=True, mode=1)
+                in_kernel = _rule_in_kernel(group[0])  # else: mse's search (torch), or frozen parameters
+                if not in_kernel:
+                    for m in group:
+                        m.weight_fake_quant.observe(m.weight)  # nothing when frozen
+                self._launch(group, [m._w_cache for m in group], dynamic=in_kernel, mode=1)
             else:
                 for m in group:
                     q = m.weight_fake_quant
@@ -171,7 +181,8 @@ class StepCache:
         """``mods`` by (format, dtype), each with whether the multi-layer kernel takes it."""
         by: dict = {}
         for m in mods:
-            by.setdefault((m.weight_fake_quant.fmt.name, m.weight.dtype, m.weight.device), []).append(m)
+            key = (m.weight_fake_quant.fmt.name, m.weight.dtype, m.weight.device, _rule_in_kernel(m))
+            by.setdefault(key, []).append(m)
         out = []
         for group in by.values():
             w, fmt = group[0].weight, group[0].weight_fake_quant.fmt

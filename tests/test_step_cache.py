@@ -31,7 +31,8 @@ def _switches_unset(monkeypatch):
 
 
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
-           rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128):
+           rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
+           freeze_at=None):
     """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces."""
     torch.manual_seed(0)
     m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
@@ -46,6 +47,8 @@ def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=to
     losses, grads = [], []
     for step in range(steps):
         qat.set_fake_quant_enabled(m, step >= start_step)
+        if step == freeze_at:
+            qat.freeze_observers(m)
         if cache is not None and (refresh or step == 0):
             cache.refresh_if_stale()
         for _ in range(accum):
@@ -89,7 +92,9 @@ CASES = {
     "q4_0 switched on at step 2": dict(scheme="q4_0", start_step=2, steps=4),
     # k-quants on 256-multiple widths (q4_k, q6_k by llama.cpp's mix rules), the plain STE
     "q4_k_m": dict(scheme="q4_k_m", hidden=256, inter=512, steps=2),
-    "int4_asym_g32 mse (not covered)": dict(scheme="int4_asym_g32", observer="mse"),
+    "int4_asym_g32 mse": dict(scheme="int4_asym_g32", observer="mse"),
+    "q4_0 dynamic, frozen at step 2": dict(scheme="q4_0", freeze_at=2, steps=4),
+    "q4_1 mse, frozen at step 1": dict(scheme="q4_1", observer="mse", freeze_at=1),
     "q4_0 learned (not covered)": dict(scheme="q4_0", observer="learned"),
 }
 
@@ -138,11 +143,15 @@ def test_coverage(monkeypatch):
     assert len(cache.modules) == 7
     monkeypatch.setenv("QAT_RECOMPUTE", "1")  # recomputing layers keep no w_hat; a cache would keep one
     assert StepCache(m).modules == []
-    qat.freeze_observers(m)  # frozen: fake quant from the stored parameters, as before
     monkeypatch.delenv("QAT_RECOMPUTE")
+    qat.set_fake_quant_enabled(m, False)  # before start_step: no cache, the layers pass the weight through
     cache = StepCache(m)
     cache.refresh()
-    assert all(mod._w_cache is None for mod in cache.modules)
+    assert len(cache.modules) == 7 and all(mod._w_cache is None for mod in cache.modules)
+    qat.set_fake_quant_enabled(m, True)
+    assert cache.stale()
+    cache.refresh_if_stale()
+    assert all(mod._w_cache is not None for mod in cache.modules)
 
 
 def test_close_and_export_read_the_weights():

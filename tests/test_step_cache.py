@@ -187,7 +187,7 @@ def _fit(step_cache: bool, **kw):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.DataLoader(torch.randint(0, 256, (32, 16), generator=g), batch_size=4)
     module = _LM()
-    cb = QATCallback("q4_0", start_step=1, step_cache=step_cache, log_every_n_steps=0)
+    cb = QATCallback("q4_0", start_step=1, freeze_step=3, step_cache=step_cache, log_every_n_steps=0)
     t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, deterministic=True, val_check_interval=2, limit_val_batches=2,
                   gradient_clip_val=0.05, accumulate_grad_batches=2, callbacks=[cb], **kw)
@@ -195,7 +195,7 @@ def _fit(step_cache: bool, **kw):
     return module, cb, t
 
 
-def test_lightning_same_weights_with_clipping_accumulation_and_validation():
+def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezing():
     a, _, ta = _fit(False)
     seen = []
     orig = StepCache.flush

@@ -12,8 +12,11 @@ speed.py's environment switches, e.g. ``+recompute``, ``+no-recompute``, ``+per-
 * ``saved``: what one forward hands to autograd for the backward, as saved-tensor hooks see it (unique
   storages, Parameters excluded), and ``saved_weight_shaped``, the part of it shaped like a quantized
   weight: the ``w_hat`` a matmul keeps and the STE's clip masks, what fake quant adds to bf16 training.
-  The one-launch group (kernels/batch.py, CUDA) keeps its masks outside the hooks' sight, so on CUDA
-  ``forward_kept`` is the exact figure: allocated memory after the forward minus before;
+  The one-launch group (kernels/batch.py, CUDA) keeps its flat masks on its autograd node, out of the hooks'
+  sight: they are found on the graph and counted in both. On CUDA ``forward_kept`` is the allocated memory
+  after the forward minus before;
+* ``cache``: the step cache's ``w_hat`` tensors (``+step-cache``: qat/step_cache.py), held for the whole step;
+  a matmul's ``saved`` entry for them is the same storage, so they also count there;
 * ``peak``: CUDA: the step's peak allocated memory; CPU: the process's peak resident set (libraries
   included, so compare the differences between variants).
 
@@ -35,9 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import PeakRSS  # noqa: E402
-from bench.speed import MODELS, apply_switches, build  # noqa: E402
+from bench.speed import MODELS, apply_switches, build, step_cache  # noqa: E402
 
-FIELDS = ("params", "buffers", "grads", "optimizer", "saved", "saved_weight_shaped", "forward_kept", "peak")
+FIELDS = ("params", "buffers", "grads", "optimizer", "saved", "saved_weight_shaped", "cache", "forward_kept",
+          "peak")
 
 
 def nbytes(tensors) -> int:
@@ -65,10 +69,19 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
                 loss = model(input_ids=ids, labels=ids).loss
         return loss
 
+    cache = step_cache(model)  # None unless +step-cache
+
+    def optimizer_step():
+        if cache is not None:
+            cache.flush()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cache is not None:
+            cache.refresh()
+
     loss = step()  # the first step creates the gradients and AdamW's state
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step()
     del loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -97,10 +110,13 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
         loss = step((pack, lambda t: t))
         if device == "cuda":
             row["forward_kept"] = torch.cuda.memory_allocated() - before
+        for mask in group_masks(loss):
+            saved.setdefault(mask.untyped_storage().data_ptr(), [mask.untyped_storage().nbytes(), True])
         loss.backward()
+        if cache is not None:
+            cache.flush()
         row["grads"] = nbytes(p.grad for p in model.parameters() if p.grad is not None)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step()
         del loss
     row["peak"] = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     row["params"] = nbytes(model.parameters())
@@ -108,10 +124,26 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
     row["optimizer"] = nbytes(t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim())
     row["saved"] = sum(b for b, _ in saved.values())
     row["saved_weight_shaped"] = sum(b for b, w in saved.values() if w)
+    row["cache"] = nbytes(m._w_cache for m in cache.modules if m._w_cache is not None) if cache is not None else 0
     return row
 
 
-HEADS = ("params", "buffers", "grads", "optim", "saved", "saved_w", "fwd_kept", "peak")
+def group_masks(loss) -> list:
+    """The flat clip masks the one-launch group's autograd nodes hold (``ctx.masks``, kernels/batch.py)."""
+    found, seen, todo = [], set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        masks = getattr(fn, "masks", None)
+        if isinstance(masks, tuple) and masks and isinstance(masks[0], torch.Tensor):
+            found.append(masks[0])
+        todo += [f for f, _ in fn.next_functions]
+    return found
+
+
+HEADS = ("params", "buffers", "grads", "optim", "saved", "saved_w", "cache", "fwd_kept", "peak")
 
 
 def table(rows: list[dict]) -> str:

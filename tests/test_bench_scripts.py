@@ -157,7 +157,8 @@ def test_materialize_keeps_the_forward(scheme, observer):
 def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
     """bench/memory.py on the tiny config, CPU: same parameters, gradients and AdamW state for every variant;
     bf16 saves no weight-shaped tensor for the backward, per-layer fake quant saves at least every quantized
-    Linear's bf16 ``w_hat`` and bool clip mask (3 bytes per weight), and the recompute path none."""
+    Linear's bf16 ``w_hat`` and bool clip mask (3 bytes per weight), the recompute path none, and the step
+    cache its ``w_hat`` tensors (2 bytes per weight) and no mask."""
     from bench.memory import measure, table
     from bench.speed import SWITCHES, build
     from qat.modules import FakeQuantLinear
@@ -165,7 +166,8 @@ def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
     for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
         monkeypatch.setenv(key, "")  # recorded, so the teardown restores it (a delenv of an unset key is not)
         monkeypatch.delenv(key)
-    rows = {v: measure("tiny", v, 3, 50, "cpu") for v in ("bf16", "qat:q4_0", "qat:q4_0+recompute")}
+    rows = {v: measure("tiny", v, 3, 50, "cpu") for v in ("bf16", "qat:q4_0", "qat:q4_0+recompute",
+                                                          "qat:q4_0+step-cache")}
     n = sum(m.weight.numel() for m in build("tiny", "qat:q4_0", "cpu").modules() if type(m) is FakeQuantLinear)
     assert n > 0
     base = rows["bf16"]
@@ -176,6 +178,11 @@ def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
     assert rows["qat:q4_0"]["saved_weight_shaped"] >= n * (2 + 1)
     assert rows["qat:q4_0"]["saved"] - base["saved"] >= n * (2 + 1)
     assert rows["qat:q4_0+recompute"]["saved_weight_shaped"] == 0
+    # the step cache holds every quantized Linear's bf16 w_hat for the whole step (the matmul saves that very
+    # tensor), and no clip mask
+    cached = rows["qat:q4_0+step-cache"]
+    assert cached["cache"] == 2 * n and cached["saved_weight_shaped"] == 2 * n
+    assert base["cache"] == rows["qat:q4_0"]["cache"] == 0
     assert rows["qat:q4_0"]["buffers"] > base["buffers"]  # the quantizers' scales
     text = table(list(rows.values()))
     assert "qat:q4_0+recompute" in text and "peak x bf16" in text

@@ -188,7 +188,8 @@ def _fit(step_cache: bool, **kw):
     data = torch.utils.data.DataLoader(torch.randint(0, 256, (32, 16), generator=g), batch_size=4)
     module = _LM()
     cb = QATCallback("q4_0", start_step=1, freeze_step=3, step_cache=step_cache, log_every_n_steps=0)
-    t = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    kw.setdefault("accelerator", "cpu")
+    t = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                   enable_model_summary=False, deterministic=True, val_check_interval=2, limit_val_batches=2,
                   gradient_clip_val=0.05, accumulate_grad_batches=2, callbacks=[cb], **kw)
     t.fit(module, data, data)
@@ -336,3 +337,27 @@ def test_traced_by_dynamo_same_numbers_no_recompiles(name):
     # one graph for training, one for the no-grad eval forward; the switch-on adds one
     graphs = counters["stats"]["unique_graphs"]
     assert 2 <= graphs <= 2 + (kw.get("start_step", 0) > 0), dict(counters["stats"])
+
+
+@pytest.mark.gpu
+def test_lightning_cuda_bf16_mixed_same_weights():
+    """The callback on one GPU, bf16-mixed (the kernel path: one launch per format and step): the final
+    weights and validation loss of the run without the cache, bitwise."""
+    a, _, ta = _fit(False, accelerator="gpu", devices=1, precision="bf16-mixed")
+    seen = []
+    orig = StepCache.flush
+
+    def flush(self):
+        orig(self)
+        seen.append(self.moved)
+
+    StepCache.flush = flush
+    try:
+        b, cb, tb = _fit(True, accelerator="gpu", devices=1, precision="bf16-mixed")
+    finally:
+        StepCache.flush = orig
+    assert seen == [0, 14, 28, 42], seen
+    sa, sb = a.state_dict(), b.state_dict()
+    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not bad, bad[:5]
+    assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import PeakRSS  # noqa: E402
-from bench.speed import MODELS, apply_switches, build, step_cache  # noqa: E402
+from bench.speed import MODELS, apply_switches, build, optimizer_step, step_cache  # noqa: E402
 
 FIELDS = ("params", "buffers", "grads", "optimizer", "saved", "saved_weight_shaped", "cache", "forward_kept",
           "peak")
@@ -70,18 +70,9 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
         return loss
 
     cache = step_cache(model)  # None unless +step-cache
-
-    def optimizer_step():
-        if cache is not None:
-            cache.flush()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cache is not None:
-            cache.refresh()
-
     loss = step()  # the first step creates the gradients and AdamW's state
     loss.backward()
-    optimizer_step()
+    optimizer_step(opt, cache)
     del loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -114,9 +105,9 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
             saved.setdefault(mask.untyped_storage().data_ptr(), [mask.untyped_storage().nbytes(), True])
         loss.backward()
         if cache is not None:
-            cache.flush()
+            cache.flush()  # the weights' gradients, as the optimizer will read them
         row["grads"] = nbytes(p.grad for p in model.parameters() if p.grad is not None)
-        optimizer_step()
+        optimizer_step(opt, cache)
         del loss
     row["peak"] = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     row["params"] = nbytes(model.parameters())

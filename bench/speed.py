@@ -67,14 +67,19 @@ def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: s
 
     def step():
         f(input_ids=ids, labels=ids).loss.backward()
-        if cache is not None:
-            cache.flush()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cache is not None:
-            cache.refresh()
+        optimizer_step(opt, cache)
 
     return model, step
+
+
+def optimizer_step(opt, cache) -> None:
+    """The optimizer step and zero_grad; with a step cache, its ``flush`` before and ``refresh`` after."""
+    if cache is not None:
+        cache.flush()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cache is not None:
+        cache.refresh()
 
 
 def step_cache(model):
@@ -136,12 +141,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
                 os.environ[k] = v
         loss = step_fn(input_ids=ids, labels=ids).loss
         loss.backward()
-        if cache is not None:
-            cache.flush()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cache is not None:
-            cache.refresh()
+        optimizer_step(opt, cache)
         return loss
 
     if keep is not None:  # interleaved timing: the caller runs the steps

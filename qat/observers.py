@@ -195,6 +195,12 @@ class WeightQuantizer(_Freezable):
         backward, so they opt in with "1"). ``switch``: ``QAT_RECOMPUTE`` where the caller read it already."""
         if not (self.enabled and w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return False
+        return self.recompute_rule(w, switch)
+
+    def recompute_rule(self, w: Tensor, switch: Optional[str] = None) -> bool:
+        """The size rule alone, whatever the training state: ``QAT_RECOMPUTE`` "1", or unset with ``w`` on CUDA
+        in an affine format and at least ``RECOMPUTE_MIN_NUMEL`` elements. The eager and compiled paths and
+        the step cache (which leaves these layers out) all decide by it."""
         if switch is None:
             switch = os.environ.get("QAT_RECOMPUTE", "")
         return switch == "1" or (switch != "0" and w.is_cuda and self.affine and w.numel() >= RECOMPUTE_MIN_NUMEL)
@@ -214,8 +220,7 @@ class WeightQuantizer(_Freezable):
             return False
         if getattr(self, "_w_hat", None) is not None or self.observer != "dynamic" or not can_fuse(w, self.fmt):
             return False
-        switch = _recompute_switch()
-        return switch == "1" or (switch != "0" and w.numel() >= RECOMPUTE_MIN_NUMEL)
+        return self.recompute_rule(w, _recompute_switch())  # can_fuse: on CUDA
 
     def fake_quant_detached(self, w: Tensor) -> tuple[Tensor, str, tuple]:
         """The forward's ``w_hat`` (observer buffers updated as ``forward`` does) without an autograd graph,

@@ -49,13 +49,10 @@ from torch import Tensor, nn
 from .fake_quant import ste_forward
 from .formats import AffineFormat
 from .kernels import triton_fq as tfq
-from .kernels.batch import _is_kquant, _kquant_flat
+from .kernels.batch import _WDT, _fusable, _is_kquant, _kquant_flat, cached_tables
 from .modules import FakeQuantLinear, is_fake_quant
 
 __all__ = ["StepCache"]
-
-_WDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
 
 def _rule_in_kernel(m) -> bool:
     """Whether the refresh kernel computes the layer's parameters (the ``dynamic`` rule, not frozen)."""
@@ -65,8 +62,6 @@ def _rule_in_kernel(m) -> bool:
 
 class StepCache:
     def __init__(self, model: nn.Module):
-        from . import observers
-
         users: dict[int, int] = {}
         for m in model.modules():
             if is_fake_quant(m):
@@ -77,14 +72,8 @@ class StepCache:
             q = getattr(m, "weight_fake_quant", None)
             if not isinstance(m, FakeQuantLinear) or q is None or q.observer == "learned" or users[id(m.weight)] > 1:
                 continue
-            if _is_kquant(q.fmt):
-                if switch != "1":
-                    self.modules.append(m)
-                continue
-            if not isinstance(q.fmt, AffineFormat) or switch == "1":
-                continue
-            if switch != "0" and m.weight.is_cuda and m.weight.numel() >= observers.RECOMPUTE_MIN_NUMEL:
-                continue
+            if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)) or q.recompute_rule(m.weight, switch):
+                continue  # layers that recompute keep no w_hat; a cache would keep one for the whole step
             self.modules.append(m)
         self._tables: dict = {}
         self._versions: Optional[list] = None
@@ -186,29 +175,19 @@ class StepCache:
         out = []
         for group in by.values():
             w, fmt = group[0].weight, group[0].weight_fake_quant.fmt
-            fused = (tfq.HAS_TRITON and (w.is_cuda or tfq.INTERPRET) and w.dtype in _WDT
-                     and isinstance(fmt, AffineFormat) and tfq.kernel_kind(fmt) is not None
-                     and not os.environ.get("QAT_DISABLE_TRITON")
+            fused = (isinstance(fmt, AffineFormat) and _fusable(group[0].weight_fake_quant, w)
+                     and tfq.kernel_kind(fmt) is not None
                      and all(m.weight.is_contiguous() and m.weight.shape[-1] % fmt.block == 0 for m in group))
             out.append((group, fused))
         return out
 
     def _launch(self, group: list, outs: list[Tensor], dynamic: bool, mode: int) -> None:
-        from .kernels.batch import _tables_for
-
         fmt = group[0].weight_fake_quant.fmt
         weights = [m.weight for m in group]
-        scales = [m.weight_fake_quant.scale for m in group]
         zeros = [m.weight_fake_quant.zero for m in group]
-        data_ptr = Tensor.data_ptr
-        key = (fmt.name, tuple(map(data_ptr, weights)), tuple(map(data_ptr, scales)))
-        tab = self._tables.get(key)
-        if tab is None:
-            if len(self._tables) >= 8:
-                del self._tables[next(iter(self._tables))]
-            tab = self._tables[key] = _tables_for(weights, scales, zeros, fmt)
-        wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, aligned = tab
-        ptrs = list(map(data_ptr, outs))
+        wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, aligned = cached_tables(
+            self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
+        ptrs = list(map(Tensor.data_ptr, outs))
         op = torch.tensor(ptrs, dtype=torch.int64)
         if op.device != weights[0].device:
             op = op.pin_memory().to(weights[0].device, non_blocking=True)

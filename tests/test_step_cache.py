@@ -196,8 +196,11 @@ def _fit(step_cache: bool, **kw):
     return module, cb, t
 
 
-def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezing():
-    a, _, ta = _fit(False)
+def _check_fit_same_with_and_without_cache(**kw) -> None:
+    """``_fit`` without the cache and with it: every flush moved the gradients of all 14 layers once fake quant
+    was on (4 optimizer steps, from step 1), the caches are freed at the end, and the final state and
+    validation loss are bitwise the uncached run's."""
+    a, _, ta = _fit(False, **kw)
     seen = []
     orig = StepCache.flush
 
@@ -207,15 +210,19 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
 
     StepCache.flush = flush
     try:
-        b, cb, tb = _fit(True)
+        b, cb, tb = _fit(True, **kw)
     finally:
         StepCache.flush = orig
-    assert seen == [0, 14, 28, 42], seen  # 4 optimizer steps, fake quant from step 1: all 14 layers in 3
+    assert seen == [0, 14, 28, 42], seen
     assert cb._cache is None and all(m._w_cache is None for m in b.modules() if isinstance(m, FakeQuantLinear))
     sa, sb = a.state_dict(), b.state_dict()
     bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not bad, bad[:5]
     assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])
+
+
+def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezing():
+    _check_fit_same_with_and_without_cache()
 
 
 def test_lightning_step_cache_switch(monkeypatch):
@@ -341,23 +348,5 @@ def test_traced_by_dynamo_same_numbers_no_recompiles(name):
 
 @pytest.mark.gpu
 def test_lightning_cuda_bf16_mixed_same_weights():
-    """The callback on one GPU, bf16-mixed (the kernel path: one launch per format and step): the final
-    weights and validation loss of the run without the cache, bitwise."""
-    a, _, ta = _fit(False, accelerator="gpu", devices=1, precision="bf16-mixed")
-    seen = []
-    orig = StepCache.flush
-
-    def flush(self):
-        orig(self)
-        seen.append(self.moved)
-
-    StepCache.flush = flush
-    try:
-        b, cb, tb = _fit(True, accelerator="gpu", devices=1, precision="bf16-mixed")
-    finally:
-        StepCache.flush = orig
-    assert seen == [0, 14, 28, 42], seen
-    sa, sb = a.state_dict(), b.state_dict()
-    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
-    assert not bad, bad[:5]
-    assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])
+    """The callback on one GPU, bf16-mixed (the kernel path: one launch per format and step)."""
+    _check_fit_same_with_and_without_cache(accelerator="gpu", devices=1, precision="bf16-mixed")

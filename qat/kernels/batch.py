@@ -268,6 +268,20 @@ def _multi_launch(weights, scales, zeros, fmt, cache: dict) -> tuple[Tensor, Ten
     parameters it writes into ``scales``/``zeros`` in place): ``(flat w_hat, flat uint8 clip mask, tables)``.
     ``cache``: the program tables by member set."""
     w0 = weights[0]
+    tab = cached_tables(cache, weights, scales, zeros, fmt)
+    wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
+    out = torch.empty(total, dtype=w0.dtype, device=w0.device)
+    mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
+    tfq._fq_multi_kernel[(pl.numel(),)](
+        wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
+        BLOCK=fmt.block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
+        SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
+        num_warps=4, **tfq.launch_opts())
+    return out, mask, tab
+
+
+def cached_tables(cache: dict, weights, scales, zeros, fmt) -> tuple:
+    """``_tables_for(...)`` from ``cache`` (at most 8 entries, the oldest dropped), built on a miss."""
     # keyed by the members themselves: one format can have two groups in one step (the grad one, and the
     # detached one of layers that recompute in their backward, e.g. a tied lm_head), and a table keyed by
     # format alone was rebuilt twice per step (measured on an H200, SmolLM2 q4_k_m: 16 ms of host time)
@@ -279,15 +293,7 @@ def _multi_launch(weights, scales, zeros, fmt, cache: dict) -> tuple[Tensor, Ten
         if len(cache) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
             del cache[next(iter(cache))]
         tab = cache[key] = _tables_for(weights, scales, zeros, fmt)
-    wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, shapes, _, aligned = tab
-    out = torch.empty(total, dtype=w0.dtype, device=w0.device)
-    mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
-    tfq._fq_multi_kernel[(pl.numel(),)](
-        wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
-        BLOCK=fmt.block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
-        SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
-        num_warps=4, **tfq.launch_opts())
-    return out, mask, tab
+    return tab
 
 
 def _tables_for(weights, scales, zeros, fmt):

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .observers import WeightQuantizer
 from .prepare import freeze_observers, layer_errors, prepare, set_fake_quant_enabled
@@ -50,8 +50,10 @@ class QATCallback(L.Callback):
         skip_incompatible: leave layers the scheme cannot take in float (with a warning) instead of failing.
         log_every_n_steps: how often the per-layer error table goes to the logger (0: never).
         step_cache: fake-quantize the small non-``learned`` layers once per optimizer step instead of in every
-            forward and backward (``qat/step_cache.py``; same numbers). One device, not with fp16's GradScaler.
-            None: the ``QAT_STEP_CACHE`` environment variable (``1``: on); off by default.
+            forward and backward (``qat/step_cache.py``; the same numbers). True/False: on/off. None (default):
+            the ``QAT_STEP_CACHE`` environment variable (``1`` on, ``0`` off), else on where it was measured
+            faster and checked bitwise: weights on a GPU, one device, automatic optimization. Never under
+            DDP/FSDP (their reducers see only the weights the forward uses; True warns and runs without it).
     """
 
     def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
@@ -98,27 +100,48 @@ class QATCallback(L.Callback):
         freeze_observers(pl_module, self.freeze_step is not None and step >= self.freeze_step)
 
     # -- step cache ---------------------------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        on = self.step_cache
-        if on is None:
-            on = os.environ.get("QAT_STEP_CACHE") == "1"
-        if not on:
-            return
-        why = None
+    def _step_cache_wanted(self, trainer, pl_module) -> bool:
+        """Whether to use the step cache this fit; warns where it was asked for and cannot run."""
+        asked = self.step_cache
+        if asked is None and os.environ.get("QAT_STEP_CACHE") in ("0", "1"):
+            asked = os.environ["QAT_STEP_CACHE"] == "1"
+        if asked is False:
+            return False
         if trainer.world_size > 1:
-            why = "it runs on one device (DDP/FSDP reduce the gradients of the weights the forward uses)"
-        elif str(trainer.precision) == "16-mixed":
-            why = "fp16's GradScaler unscales the gradients before the cache moves them to the weights"
-        if why:
-            rank_zero_warn(f"QATCallback: step_cache is off: {why}")
+            if asked:
+                rank_zero_warn("QATCallback: step_cache is off: it runs on one device (DDP/FSDP reduce the "
+                               "gradients of the weights the forward uses)")
+            return False
+        if asked:
+            return True
+        # the default: where it was measured faster (BENCHMARKS.md: H200, SmolLM2 compiled 1.007x bf16's
+        # step against 1.028x, eager 1.14x against 1.20x) and checked bitwise on the GPU, and where no
+        # optimizer step can run between our refresh and a forward (manual optimization may step twice in
+        # one training_step; a compiled forward would not see the stale cache)
+        on_gpu = any(p.is_cuda for p in pl_module.parameters())
+        return on_gpu and getattr(pl_module, "automatic_optimization", True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self._step_cache_wanted(trainer, pl_module):
             return
         from .step_cache import StepCache
 
-        self._cache = StepCache(pl_module)
+        cache = StepCache(pl_module)
+        if cache.modules:
+            self._cache = cache
+            rank_zero_info(f"QATCallback: step cache on for {len(cache.modules)} layers (fake quant once per "
+                           "optimizer step; QATCallback(step_cache=False) turns it off)")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._cache is not None:
+            # every backward (every micro-batch): whatever reads .grad next (hooks, clipping, fp16's
+            # GradScaler, which unscales after the closure) sees the weights' full gradients. The same bits
+            # as one flush per step: the mask is 0 or 1, so mask*(g1+g2) == mask*g1 + mask*g2
+            self._cache.flush()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self._cache is not None:
-            self._cache.flush()  # before Lightning clips the gradients, and before the optimizer reads them
+            self._cache.flush()  # nothing left to move after on_after_backward, unless a backward ran outside Lightning
 
     # -- schedule -----------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

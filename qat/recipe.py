@@ -224,7 +224,7 @@ class QuantConfig(_Section):
     act_observer: Literal["dynamic", "moving_average"] = "dynamic"
     skip_incompatible: bool = False
     log_every_n_steps: NonNegInt = 50
-    step_cache: Optional[bool] = None  # fake quant once per optimizer step (qat/step_cache.py); None: QAT_STEP_CACHE
+    step_cache: Optional[bool] = None  # fake quant once per optimizer step (qat/step_cache.py); None: the callback's default
 
     def callback_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``qat.QATCallback`` (and, but for the schedule, of ``qat.prepare``)."""

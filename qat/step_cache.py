@@ -22,15 +22,15 @@ formats: one launch per (format, dtype) on CUDA with Triton; elsewhere the same 
 (``ste_forward``, what the eager STE computes). K-quants: the group search of ``kernels/batch.py`` (all
 layers of one type at once, bitwise the per-layer result), then a copy into each cache.
 
-Who calls it: ``QATCallback(step_cache=True)`` on one device (a weight the forward does not use gets no
-gradient from DDP's reducer; and with fp16's GradScaler the gradients are unscaled before the hook that
-moves them). In a plain loop::
+Who calls it: ``QATCallback`` on one GPU by default (a weight the forward does not use gets no gradient from
+DDP's reducer, so never under DDP/FSDP); it flushes after every backward, before clipping and before fp16's
+GradScaler unscales. In a plain loop::
 
     cache = StepCache(model)
     for batch in data:
         cache.refresh()            # after every change of the weights (here: the optimizer step)
         loss = model(batch); loss.backward()
-        cache.flush()              # before the optimizer reads .grad (and before clipping)
+        cache.flush()              # before anything reads .grad (clipping, the optimizer); per micro-batch is fine
         opt.step(); opt.zero_grad()
     cache.close()
 

@@ -196,24 +196,32 @@ def _fit(step_cache: bool, **kw):
     return module, cb, t
 
 
-def _check_fit_same_with_and_without_cache(**kw) -> None:
-    """``_fit`` without the cache and with it: every flush moved the gradients of all 14 layers once fake quant
-    was on (4 optimizer steps, from step 1), the caches are freed at the end, and the final state and
-    validation loss are bitwise the uncached run's."""
+def _check_fit_same_with_and_without_cache(cached=True, **kw) -> None:
+    """``_fit`` without the cache and with it (``cached``: True, or None for the default where it is on): after
+    every backward (8 micro-batches, 2 per optimizer step) the flush moved the gradients of all 14 layers
+    once fake quant was on (from step 1: 6 of them), before the optimizer step nothing was left to move, the
+    caches are freed at the end, and the final state and validation loss are bitwise the uncached run's."""
     a, _, ta = _fit(False, **kw)
     seen = []
-    orig = StepCache.flush
+    orig_backward, orig_step = QATCallback.on_after_backward, QATCallback.on_before_optimizer_step
 
-    def flush(self):
-        orig(self)
-        seen.append(self.moved)
+    def after_backward(self, trainer, module):
+        before = self._cache.moved
+        orig_backward(self, trainer, module)
+        seen.append(("backward", self._cache.moved - before))
 
-    StepCache.flush = flush
+    def before_step(self, trainer, module, opt):
+        before = self._cache.moved
+        orig_step(self, trainer, module, opt)
+        seen.append(("step", self._cache.moved - before))
+
+    QATCallback.on_after_backward, QATCallback.on_before_optimizer_step = after_backward, before_step
     try:
-        b, cb, tb = _fit(True, **kw)
+        b, cb, tb = _fit(cached, **kw)
     finally:
-        StepCache.flush = orig
-    assert seen == [0, 14, 28, 42], seen
+        QATCallback.on_after_backward, QATCallback.on_before_optimizer_step = orig_backward, orig_step
+    moved = [("backward", 0)] * 2 + [("step", 0)] + ([("backward", 14)] * 2 + [("step", 0)]) * 3
+    assert seen == moved, seen
     assert cb._cache is None and all(m._w_cache is None for m in b.modules() if isinstance(m, FakeQuantLinear))
     sa, sb = a.state_dict(), b.state_dict()
     bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -225,26 +233,35 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
     _check_fit_same_with_and_without_cache()
 
 
-def test_lightning_step_cache_switch(monkeypatch):
+def test_lightning_step_cache_switch(monkeypatch, caplog):
     class _T:  # what on_train_start reads
         world_size, precision = 2, "bf16-mixed"
 
-    cb = QATCallback("q4_0", step_cache=True)
-    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
-        cb.on_train_start(_T(), _LM())
-    assert cb._cache is None
-    _T.world_size, _T.precision = 1, "16-mixed"
-    with pytest.warns(UserWarning, match="GradScaler"):
-        cb.on_train_start(_T(), _LM())
-    assert cb._cache is None
-    _T.precision = "bf16-mixed"
     module = _LM()
     qat.prepare(module, "q4_0")
-    QATCallback("q4_0").on_train_start(_T(), module)  # off by default
+    cb = QATCallback("q4_0", step_cache=True)
+    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
+        cb.on_train_start(_T(), module)
+    assert cb._cache is None
     monkeypatch.setenv("QAT_STEP_CACHE", "1")
+    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
+        QATCallback("q4_0").on_train_start(_T(), module)
+    _T.world_size = 1
+    QATCallback("q4_0", step_cache=False).on_train_start(_T(), module)  # the argument wins over the variable
+    for precision in ("bf16-mixed", "16-mixed", "32-true"):
+        _T.precision = precision
+        cb = QATCallback("q4_0")
+        cb.on_train_start(_T(), module)
+        assert cb._cache is not None and len(cb._cache.modules) == 14
+        cb._cache.close()
+    monkeypatch.delenv("QAT_STEP_CACHE")
+    # the default: on for GPU weights only, and not with manual optimization (checked on a GPU below)
     cb = QATCallback("q4_0")
     cb.on_train_start(_T(), module)
-    assert cb._cache is not None and len(cb._cache.modules) == 14
+    assert cb._cache is None
+    assert not cb._step_cache_wanted(_T(), module)
+    monkeypatch.setenv("QAT_STEP_CACHE", "0")
+    assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)
 
 
 # -- the multi-layer kernel ---------------------------------------------------------------------------------
@@ -365,6 +382,21 @@ def test_traced_by_dynamo_same_numbers_no_recompiles(name):
 
 
 @pytest.mark.gpu
-def test_lightning_cuda_bf16_mixed_same_weights():
-    """The callback on one GPU, bf16-mixed (the kernel path: one launch per format and step)."""
-    _check_fit_same_with_and_without_cache(accelerator="gpu", devices=1, precision="bf16-mixed")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_lightning_cuda_default_same_weights(precision):
+    """The callback on one GPU with its default (the cache on; the kernel path: one launch per format and
+    step), bf16-mixed and fp16-mixed (the GradScaler unscales after the closure, so after the flush)."""
+    _check_fit_same_with_and_without_cache(None, accelerator="gpu", devices=1, precision=precision)
+
+
+@pytest.mark.gpu
+def test_default_off_with_manual_optimization():
+    module = _LM().cuda()
+    module.automatic_optimization = False
+
+    class _T:
+        world_size, precision = 1, "bf16-mixed"
+
+    qat.prepare(module, "q4_0")
+    assert QATCallback("q4_0")._step_cache_wanted(_T(), _LM().cuda())
+    assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)

@@ -115,7 +115,7 @@ class QATCallback(L.Callback):
         if asked:
             return True
         # the default: where it was measured faster (BENCHMARKS.md: H200, SmolLM2 compiled 1.007x bf16's
-        # step against 1.028x, eager 1.14x against 1.20x) and checked bitwise on the GPU, and where no
+        # step against 1.028x, eager 1.000x against 1.21x) and checked bitwise on the GPU, and where no
         # optimizer step can run between our refresh and a forward (manual optimization may step twice in
         # one training_step; a compiled forward would not see the stale cache)
         on_gpu = any(p.is_cuda for p in pl_module.parameters())

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .fake_quant import ste_forward
 from .formats import AffineFormat
 from .kernels import triton_fq as tfq
-from .kernels.batch import _WDT, _fusable, _is_kquant, _kquant_flat, cached_tables
+from .kernels.batch import _fusable, _is_kquant, _kquant_flat, cached_tables
 from .modules import FakeQuantLinear, is_fake_quant
 
 __all__ = ["StepCache"]
@@ -185,15 +185,11 @@ class StepCache:
         fmt = group[0].weight_fake_quant.fmt
         weights = [m.weight for m in group]
         zeros = [m.weight_fake_quant.zero for m in group]
-        wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, aligned = cached_tables(
+        wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, w_aligned = cached_tables(
             self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
-        ptrs = list(map(Tensor.data_ptr, outs))
-        op = torch.tensor(ptrs, dtype=torch.int64)
-        if op.device != weights[0].device:
-            op = op.pin_memory().to(weights[0].device, non_blocking=True)
+        op, o_aligned = tfq.rel_offsets(outs)
         tfq._fq_table_kernel[(pl.numel(),)](
-            wp, op, sp, zp, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
-            BLOCK=block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
-            SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[weights[0].dtype],
-            ALIGNED=aligned and all(p % 16 == 0 for p in ptrs), DYNAMIC=dynamic, MODE=mode, num_warps=4,
-            **tfq.launch_opts())
+            weights[0], wp, outs[0], op, sp, zp, nb, pl, pr, float(fmt.qmin), float(fmt.qmax),
+            float(getattr(fmt, "offset", 0)), BLOCK=block, ROWS=rows, KIND=tfq.kernel_kind(fmt),
+            HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16,
+            ALIGNED=min(w_aligned, o_aligned), DYNAMIC=dynamic, MODE=mode, num_warps=4, **tfq.launch_opts())

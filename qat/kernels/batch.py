@@ -121,11 +121,9 @@ def _mask_grads(grads: list, mask: Tensor, tab: tuple) -> None:
     2.5 ms of host time per SmolLM2 step."""
     _, _, _, off, nb, pl, pr, _, rows, block, sizes, shapes, dtype, _ = tab
     if all(g is not None and g.dtype == dtype and g.is_contiguous() and g.shape == s for g, s in zip(grads, shapes)):
-        ptrs = [g.data_ptr() for g in grads]
-        gp = torch.tensor(ptrs, dtype=torch.int64)
-        gp = gp.pin_memory().to(mask.device, non_blocking=True) if mask.is_cuda else gp.to(mask.device)
-        tfq._mask_multi_kernel[(pl.numel(),)](gp, mask, off, nb, pl, pr, BLOCK=block, ROWS=rows, WDT=_WDT[dtype],
-                                               ALIGNED=all(p % 16 == 0 for p in ptrs), num_warps=4, **tfq.launch_opts())
+        gp, aligned = tfq.rel_offsets(grads)
+        tfq._mask_multi_kernel[(pl.numel(),)](grads[0], gp, mask, off, nb, pl, pr, BLOCK=block, ROWS=rows,
+                                               ALIGNED=aligned, num_warps=4, **tfq.launch_opts())
         return
     for g, m, s in zip(grads, mask.view(torch.bool).split(sizes), shapes):
         if g is not None:
@@ -273,9 +271,9 @@ def _multi_launch(weights, scales, zeros, fmt, cache: dict) -> tuple[Tensor, Ten
     out = torch.empty(total, dtype=w0.dtype, device=w0.device)
     mask = torch.empty(total, dtype=torch.uint8, device=w0.device)
     tfq._fq_multi_kernel[(pl.numel(),)](
-        wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)),
-        BLOCK=fmt.block, ROWS=rows, KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None,
-        SCALE_F16=fmt.scale_dtype == torch.float16, WDT=_WDT[w0.dtype], ALIGNED=aligned,
+        w0, wp, out, mask, sp, zp, off, nb, pl, pr, float(fmt.qmin), float(fmt.qmax),
+        float(getattr(fmt, "offset", 0)), BLOCK=fmt.block, ROWS=rows, KIND=tfq.kernel_kind(fmt),
+        HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16, ALIGNED=aligned,
         num_warps=4, **tfq.launch_opts())
     return out, mask, tab
 
@@ -297,12 +295,13 @@ def cached_tables(cache: dict, weights, scales, zeros, fmt) -> tuple:
 
 
 def _tables_for(weights, scales, zeros, fmt):
-    """The multi-layer kernels' program tables: every weight's, scale's and zero's address, its offset in the
-    flat output and its block count, and program -> (layer, first block)."""
+    """The multi-layer kernels' program tables: every weight's offset from the first (``tfq.rel_offsets``),
+    every scale's and zero's address, its offset in the flat output and its block count, program -> (layer,
+    first block), and the weights' ``ALIGNED`` constant."""
     dev = weights[0].device
     block = fmt.block
     rows = max(1, 4096 // block)
-    wp = [w.data_ptr() for w in weights]
+    wp, aligned = tfq.rel_offsets(weights)
     sp = [s.data_ptr() for s in scales]
     zp = [(z if z is not None else s).data_ptr() for s, z in zip(scales, zeros)]
     sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
@@ -317,10 +316,9 @@ def _tables_for(weights, scales, zeros, fmt):
     start = int(sizes.sum())
     i64 = dict(dtype=torch.int64, device=dev)
     i32 = dict(dtype=torch.int32, device=dev)
-    return (torch.tensor(wp, **i64), torch.tensor(sp, **i64), torch.tensor(zp, **i64), off.to(**i64),
+    return (wp, torch.tensor(sp, **i64), torch.tensor(zp, **i64), off.to(**i64),
             nb.to(**i32), pl.to(**i32), pr.to(**i32), start, rows, block,
-            [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype,
-            all(p % 16 == 0 for p in wp))  # every weight 16-byte aligned: the kernel may vectorize
+            [w.numel() for w in weights], [w.shape for w in weights], weights[0].dtype, aligned)
 
 
 def attach(model: torch.nn.Module) -> Optional[BatchedFakeQuant]:
@@ -407,12 +405,10 @@ if tfq.HAS_TRITON:
             # only the offsets and program lists are used here (the weights stand in for the scales)
             tab = _COMPILED_TABLES[key] = _tables_for(ws, ws, [None] * len(ws), fmt)
         _, _, _, off, nb, pl, pr, _, rows, block, _, _, _, _ = tab
-        ptrs = [o.data_ptr() for o in outs]
-        op = torch.tensor(ptrs, dtype=torch.int64)
-        op = op.pin_memory().to(grad.device, non_blocking=True) if grad.is_cuda else op
-        tfq._mask_split_kernel[(pl.numel(),)](grad, mask if mask.numel() else grad, op, off, nb, pl, pr, BLOCK=block,
-                                              ROWS=rows, WDT=_WDT[grad.dtype], ALIGNED=all(p % 16 == 0 for p in ptrs),
-                                              MASKED=mask.numel() > 0, num_warps=4, **tfq.launch_opts())
+        op, aligned = tfq.rel_offsets(outs)
+        tfq._mask_split_kernel[(pl.numel(),)](grad, mask if mask.numel() else grad, outs[0], op, off, nb, pl, pr,
+                                              BLOCK=block, ROWS=rows, ALIGNED=aligned, MASKED=mask.numel() > 0,
+                                              num_warps=4, **tfq.launch_opts())
         return outs
 
     @_fq_group_grad_op.register_fake

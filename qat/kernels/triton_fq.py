@@ -179,33 +179,30 @@ if HAS_TRITON:
                  SCALE_F16, 0)
 
     @triton.jit
-    def _table_ptr(TABLE, layer, WDT: tl.constexpr, ALIGNED: tl.constexpr):
-        """Layer ``layer``'s tensor address from an int64 table, as a pointer of the weights' dtype (WDT 0/1/2:
-        fp32/bf16/fp16). An address read from memory is assumed unaligned (2-byte bf16 accesses); ALIGNED
-        (the host checked every address is a multiple of 16 bytes) lets the compiler vectorize."""
-        addr = tl.load(TABLE + layer)
-        if ALIGNED:
-            addr = tl.multiple_of(addr, 16)
-        if WDT == 0:
-            ptr = addr.to(tl.pointer_type(tl.float32))
-        elif WDT == 1:
-            ptr = addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            ptr = addr.to(tl.pointer_type(tl.float16))
-        return ptr
+    def _table_ptr(BASE, TABLE, layer, ALIGNED: tl.constexpr):
+        """Layer ``layer``'s tensor: ``BASE`` (a pointer argument) plus the element offset in the int64 table
+        (see ``rel_offsets``). ALIGNED: every offset is a multiple of this many elements (16 bytes where the
+        host checked every address is), so the compiler may vectorize.
+        Not the address itself, read from the table and cast to a pointer: such a pointer made the step
+        cache's refresh ~8x slower than the same kernel on pointer arguments (measured on an H200, one
+        8192 x 2048 bf16 weight, q4_0: 221 us against 23 us; BENCHMARKS.md, session 9)."""
+        off = tl.load(TABLE + layer)
+        if ALIGNED > 1:
+            off = tl.multiple_of(off, ALIGNED)
+        return BASE + off
 
     @triton.jit
-    def _fq_multi_kernel(WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
+    def _fq_multi_kernel(W0, WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
                          offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
-                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, WDT: tl.constexpr, ALIGNED: tl.constexpr):
+                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, ALIGNED: tl.constexpr):
         # Many weights of one format in one launch (horizontal fusion): program -> (layer PL, first block
-        # PR); per layer, the weight and scale/zero buffer addresses (WP, SP, ZP), its element offset in
+        # PR); per layer, the weight (W0 + WP[layer]), the scale/zero buffer addresses (SP, ZP), its element offset in
         # the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
         # ALIGNED: see _table_ptr.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        W = _table_ptr(WP, layer, WDT, ALIGNED)
+        W = _table_ptr(W0, WP, layer, ALIGNED)
         S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
@@ -213,19 +210,19 @@ if HAS_TRITON:
                  HAS_ZERO, SCALE_F16, 0)
 
     @triton.jit
-    def _fq_table_kernel(WP, OP, SP, ZP, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr, offset: tl.constexpr,
-                         BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr,
-                         SCALE_F16: tl.constexpr, WDT: tl.constexpr, ALIGNED: tl.constexpr, DYNAMIC: tl.constexpr,
+    def _fq_table_kernel(W0, WP, O0, OP, SP, ZP, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
+                         offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
+                         HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, ALIGNED: tl.constexpr, DYNAMIC: tl.constexpr,
                          MODE: tl.constexpr):
-        # Many weights of one format in one launch, every output its own tensor (addresses in OP): the step
+        # Many weights of one format in one launch, every output its own tensor (O0 + OP[layer]): the step
         # cache (qat/step_cache.py). MODE 1 with DYNAMIC: the reference rule's parameters into the observer
         # buffers (SP, ZP) and w_hat into OP; MODE 2 without: OP holds the gradients of w_hat, masked in place
         # by the clip mask of the stored parameters.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        W = _table_ptr(WP, layer, WDT, ALIGNED)
-        O = _table_ptr(OP, layer, WDT, ALIGNED)
+        W = _table_ptr(W0, WP, layer, ALIGNED)
+        O = _table_ptr(O0, OP, layer, ALIGNED)
         S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         _fq_rows(W, O, O, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
@@ -246,31 +243,46 @@ if HAS_TRITON:
         return layer, offs, rmask
 
     @triton.jit
-    def _mask_multi_kernel(GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr, WDT: tl.constexpr,
+    def _mask_multi_kernel(G0, GP, MASK, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr,
                            ALIGNED: tl.constexpr):
         # The STE backward of a _fq_multi_kernel launch, in place: program -> (layer PL, first block PR) as
-        # there; GP holds each layer's gradient address (contiguous, the weight's dtype), MASK the flat clip
+        # there; G0 + GP[layer] is each layer's gradient (contiguous, the weight's dtype), MASK the flat clip
         # mask at the layer's offset OFF. ``g * mask`` as a product, as torch's ``grad * mask`` (-g*0 = -0).
         layer, offs, rmask = _program_blocks(PL, PR, NB, BLOCK, ROWS)
-        G = _table_ptr(GP, layer, WDT, ALIGNED)
+        G = _table_ptr(G0, GP, layer, ALIGNED)
         g = tl.load(G + offs, mask=rmask, other=0.0)
         m = tl.load(MASK + tl.multiple_of(tl.load(OFF + layer), 16) + offs, mask=rmask, other=0).to(g.dtype)
         tl.store(G + offs, g * m, mask=rmask)
 
     @triton.jit
-    def _mask_split_kernel(SRC, MASK, OP, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                           WDT: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    def _mask_split_kernel(SRC, MASK, O0, OP, OFF, NB, PL, PR, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                           ALIGNED: tl.constexpr, MASKED: tl.constexpr):
         # The STE backward of the compiled group op: the flat gradient SRC (the layers' gradients one after
         # another, at offsets OFF) times the flat clip mask (MASKED; k-quants: a copy), written into a separate
-        # tensor per layer (addresses in OP): each weight's gradient is then its own tensor, not a view of
+        # tensor per layer (O0 + OP[layer]): each weight's gradient is then its own tensor, not a view of
         # one buffer (AOTAutograd rebuilds such views in Python, ~40 us each: measured 8 ms per SmolLM2 step).
         layer, offs, rmask = _program_blocks(PL, PR, NB, BLOCK, ROWS)
-        O = _table_ptr(OP, layer, WDT, ALIGNED)
+        O = _table_ptr(O0, OP, layer, ALIGNED)
         off = tl.multiple_of(tl.load(OFF + layer), 16)
         g = tl.load(SRC + off + offs, mask=rmask, other=0.0)
         if MASKED:
             g = g * tl.load(MASK + off + offs, mask=rmask, other=0).to(g.dtype)
         tl.store(O + offs, g, mask=rmask)
+
+
+def rel_offsets(tensors: list[Tensor]) -> tuple[Tensor, int]:
+    """The multi-layer kernels' address table for ``tensors`` (one dtype and device): each tensor's element
+    offset from ``tensors[0]``, which the kernel takes as a pointer argument (``_table_ptr``), on the
+    tensors' device; and the ``ALIGNED`` constant (16 bytes in elements where every address is a multiple
+    of 16 bytes, else 1)."""
+    base, es = tensors[0].data_ptr(), tensors[0].element_size()
+    ptrs = list(map(Tensor.data_ptr, tensors))
+    offs = torch.tensor([(p - base) // es for p in ptrs], dtype=torch.int64)
+    if any((p - base) % es for p in ptrs):  # a tensor of this dtype starts at a multiple of its size
+        raise RuntimeError("multi-layer kernel: tensors not aligned to their element size")
+    dev = tensors[0].device
+    offs = offs.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else offs.to(dev)
+    return offs, (16 // es if all(p % 16 == 0 for p in ptrs) else 1)
 
 
 def _launch(w, out, mask, scale, zero, fmt, dynamic, launcher):

@@ -84,8 +84,9 @@ def optimizer_step(opt, cache) -> None:
 
 def step_cache(model):
     """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
-    ``model``: the step then calls ``flush`` before and ``refresh`` after the optimizer step, as
-    ``QATCallback(step_cache=True)`` does. Otherwise None."""
+    ``model``: the step then calls ``flush`` before and ``refresh`` after the optimizer step, the numbers
+    ``QATCallback`` gives with its default on one GPU. Otherwise None: a ``qat:`` row without the suffix is
+    fake quant in every forward (the callback with ``step_cache=False``, or under DDP/FSDP)."""
     if os.environ.get("QAT_STEP_CACHE") != "1":
         return None
     from qat.step_cache import StepCache

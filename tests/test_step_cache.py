@@ -264,6 +264,44 @@ def test_lightning_step_cache_switch(monkeypatch, caplog):
     assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)
 
 
+class _ManualLM(_LM):
+    """Manual optimization, two optimizer steps per ``training_step`` with a forward between them (the case
+    the default leaves out) and the module's own gradient clipping after ``manual_backward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, _):
+        opt = self.optimizers()
+        for half in batch.chunk(2):
+            loss = self.model(input_ids=half, labels=half).loss
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+            opt.step()
+        return loss
+
+
+def test_lightning_manual_optimization_with_the_cache_asked_for():
+    """``step_cache=True`` with manual optimization (eager): the flush after ``manual_backward`` gives the
+    module's clipping the full gradients, and the forward after the first ``opt.step()`` in the same
+    ``training_step`` sees a weight newer than its cache and fake-quantizes as usual: the weights end bitwise
+    where they end without the cache."""
+    ends = []
+    for cache in (False, True):
+        L.seed_everything(0)
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.DataLoader(torch.randint(0, 256, (16, 16), generator=g), batch_size=4)
+        module = _ManualLM()
+        cb = QATCallback("q4_0", step_cache=cache, log_every_n_steps=0)
+        L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", callbacks=[cb]).fit(module, data)
+        ends.append(module.state_dict())
+    bad = [k for k in ends[0] if "fake_quant" not in k and not torch.equal(ends[0][k], ends[1][k])]
+    assert not bad, bad[:5]
+
+
 # -- the multi-layer kernel ---------------------------------------------------------------------------------
 
 def _kernel_checks(device: str) -> None:

@@ -196,8 +196,8 @@ if HAS_TRITON:
                          offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
                          HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, ALIGNED: tl.constexpr):
         # Many weights of one format in one launch (horizontal fusion): program -> (layer PL, first block
-        # PR); per layer, the weight (W0 + WP[layer]), the scale/zero buffer addresses (SP, ZP), its element offset in
-        # the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
+        # PR); per layer, the weight (W0 + WP[layer]), the scale/zero buffer addresses (SP, ZP), its element
+        # offset in the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
         # ALIGNED: see _table_ptr.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
@@ -216,8 +216,8 @@ if HAS_TRITON:
                          MODE: tl.constexpr):
         # Many weights of one format in one launch, every output its own tensor (O0 + OP[layer]): the step
         # cache (qat/step_cache.py). MODE 1 with DYNAMIC: the reference rule's parameters into the observer
-        # buffers (SP, ZP) and w_hat into OP; MODE 2 without: OP holds the gradients of w_hat, masked in place
-        # by the clip mask of the stored parameters.
+        # buffers (SP, ZP) and w_hat into the outputs; MODE 2 without: the outputs hold the gradients of
+        # w_hat, masked in place by the clip mask of the stored parameters.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         rows = tl.load(PR + pid) + tl.arange(0, ROWS)

@@ -395,3 +395,23 @@ def test_per_layer_ops_interpreted():
     from conftest import run_interpreted
 
     run_interpreted("from test_batch_fq import _per_layer_ops_checks; _per_layer_ops_checks()", "all checks passed")
+
+
+def test_rel_offsets_address_every_tensor_from_the_first():
+    """The multi-layer kernels' table (``rel_offsets``): ``first.data_ptr() + offset * element size`` is each
+    tensor's address (before or after the first in memory), and ``ALIGNED`` is 16 bytes in elements only
+    where every address is a multiple of 16 bytes."""
+    from qat.kernels.triton_fq import rel_offsets
+
+    for dtype in (torch.float32, torch.bfloat16):
+        ts = [torch.empty(n, dtype=dtype) for n in (64, 8, 1000)]
+        ts = [ts[1], ts[0], ts[2]]
+        offs, aligned = rel_offsets(ts)
+        es = ts[0].element_size()
+        assert offs.dtype == torch.int64 and offs[0] == 0
+        assert [ts[0].data_ptr() + int(o) * es for o in offs] == [t.data_ptr() for t in ts]
+        assert aligned == (16 // es if all(t.data_ptr() % 16 == 0 for t in ts) else 1)
+        assert aligned > 1  # fresh allocations are 16-byte aligned
+        buf = torch.empty(64, dtype=dtype)
+        _, aligned = rel_offsets([buf[:8], buf[1:9]])  # a view one element in
+        assert aligned == 1

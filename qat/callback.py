@@ -52,8 +52,9 @@ class QATCallback(L.Callback):
         step_cache: fake-quantize the small non-``learned`` layers once per optimizer step instead of in every
             forward and backward (``qat/step_cache.py``; the same numbers). True/False: on/off. None (default):
             the ``QAT_STEP_CACHE`` environment variable (``1`` on, ``0`` off), else on where it was measured
-            faster and checked bitwise: weights on a GPU, one device, automatic optimization. Never under
-            DDP/FSDP (their reducers see only the weights the forward uses; True warns and runs without it).
+            faster and checked bitwise: weights on a GPU, Lightning's single-device strategy, automatic
+            optimization. Never under DDP/FSDP/DeepSpeed, even on one device (they collect the gradients of
+            the weights the forward uses as the backward computes them; True warns and runs without it).
     """
 
     def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
@@ -107,10 +108,13 @@ class QATCallback(L.Callback):
             asked = os.environ["QAT_STEP_CACHE"] == "1"
         if asked is False:
             return False
-        if trainer.world_size > 1:
+        from lightning.pytorch.strategies import SingleDeviceStrategy
+
+        if trainer.world_size > 1 or not isinstance(trainer.strategy, SingleDeviceStrategy):
             if asked:
-                rank_zero_warn("QATCallback: step_cache is off: it runs on one device (DDP/FSDP reduce the "
-                               "gradients of the weights the forward uses)")
+                rank_zero_warn("QATCallback: step_cache is off: it runs with Lightning's single-device strategy "
+                               f"only, not {type(trainer.strategy).__name__} (DDP, FSDP and DeepSpeed take "
+                               "the gradients of the weights the forward uses, as the backward computes them)")
             return False
         if asked:
             return True

@@ -234,19 +234,24 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
 
 
 def test_lightning_step_cache_switch(monkeypatch, caplog):
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
     class _T:  # what on_train_start reads
-        world_size, precision = 2, "bf16-mixed"
+        world_size, precision, strategy = 2, "bf16-mixed", DDPStrategy()
 
     module = _LM()
     qat.prepare(module, "q4_0")
     cb = QATCallback("q4_0", step_cache=True)
-    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
+    with pytest.warns(UserWarning, match="step_cache is off: it runs with Lightning's single-device strategy"):
         cb.on_train_start(_T(), module)
     assert cb._cache is None
     monkeypatch.setenv("QAT_STEP_CACHE", "1")
-    with pytest.warns(UserWarning, match="step_cache is off: it runs on one device"):
+    with pytest.warns(UserWarning, match="step_cache is off: it runs with Lightning's single-device strategy"):
         QATCallback("q4_0").on_train_start(_T(), module)
-    _T.world_size = 1
+    _T.world_size = 1  # DDP on one process (or FSDP, DeepSpeed): its hooks would miss the cached layers
+    with pytest.warns(UserWarning, match="single-device strategy only, not DDPStrategy"):
+        QATCallback("q4_0").on_train_start(_T(), module)
+    _T.strategy = SingleDeviceStrategy("cpu")
     QATCallback("q4_0", step_cache=False).on_train_start(_T(), module)  # the argument wins over the variable
     for precision in ("bf16-mixed", "16-mixed", "32-true"):
         _T.precision = precision
@@ -432,8 +437,10 @@ def test_default_off_with_manual_optimization():
     module = _LM().cuda()
     module.automatic_optimization = False
 
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
     class _T:
-        world_size, precision = 1, "bf16-mixed"
+        world_size, precision, strategy = 1, "bf16-mixed", SingleDeviceStrategy("cuda:0")
 
     qat.prepare(module, "q4_0")
     assert QATCallback("q4_0")._step_cache_wanted(_T(), _LM().cuda())

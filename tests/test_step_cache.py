@@ -233,7 +233,7 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
     _check_fit_same_with_and_without_cache()
 
 
-def test_lightning_step_cache_switch(monkeypatch, caplog):
+def test_lightning_step_cache_switch(monkeypatch):
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     class _T:  # what on_train_start reads
@@ -264,9 +264,6 @@ def test_lightning_step_cache_switch(monkeypatch, caplog):
     cb = QATCallback("q4_0")
     cb.on_train_start(_T(), module)
     assert cb._cache is None
-    assert not cb._step_cache_wanted(_T(), module)
-    monkeypatch.setenv("QAT_STEP_CACHE", "0")
-    assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)
 
 
 class _ManualLM(_LM):
@@ -433,7 +430,7 @@ def test_lightning_cuda_default_same_weights(precision):
 
 
 @pytest.mark.gpu
-def test_default_off_with_manual_optimization():
+def test_default_off_with_manual_optimization_or_the_variable(monkeypatch):
     module = _LM().cuda()
     module.automatic_optimization = False
 
@@ -445,3 +442,5 @@ def test_default_off_with_manual_optimization():
     qat.prepare(module, "q4_0")
     assert QATCallback("q4_0")._step_cache_wanted(_T(), _LM().cuda())
     assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)
+    monkeypatch.setenv("QAT_STEP_CACHE", "0")
+    assert not QATCallback("q4_0")._step_cache_wanted(_T(), _LM().cuda())

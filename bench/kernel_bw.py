@@ -38,6 +38,8 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("kernel_bw.py times CUDA kernels: run it on a machine with a GPU")
     from torch import nn
 
     import qat

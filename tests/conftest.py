@@ -21,6 +21,31 @@ def tiny_llama(vocab=256, hidden=64, inter=128, layers=2, heads=4, kv_heads=2, t
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_qat_llama(scheme, device="cpu", dtype=torch.float32, rules=None, observer="dynamic", tie=False, hidden=64,
+                   inter=128):
+    """``tiny_llama`` (2 layers, seed 0) prepared with ``scheme``, on ``device`` in ``dtype``, in train mode."""
+    import qat
+
+    m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
+    qat.prepare(m, scheme, rules=rules, observer=observer)
+    return m.to(device=device, dtype=dtype).train()
+
+
+def assert_same_run(a: dict, b: dict, what, state=True) -> None:
+    """Two training runs' records (``losses``, per-step ``grads``, eval ``logits``, final ``state``) are equal
+    bitwise; ``state=False`` leaves the state out."""
+    assert all(torch.equal(x, y) for x, y in zip(a["losses"], b["losses"])), (what, "losses", a["losses"], b["losses"])
+    for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
+        assert ga.keys() == gb.keys(), (what, step, set(ga) ^ set(gb))
+        bad = [n for n in ga if not torch.equal(ga[n], gb[n])]
+        assert not bad, (what, "grads differ at step", step, bad[:5])
+    assert torch.equal(a["logits"], b["logits"]), (what, "eval logits")
+    if state:
+        assert a["state"].keys() == b["state"].keys()
+        bad = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
+        assert not bad, (what, "state", bad[:5])
+
+
 @pytest.fixture(autouse=True)
 def _our_kquant_encoder(monkeypatch):
     """K-quants are encoded by qat's own implementation in every test (that is what the numerics tests

@@ -16,7 +16,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import tiny_llama  # noqa: E402
+from conftest import assert_same_run, tiny_llama, tiny_qat_llama  # noqa: E402
 
 import qat  # noqa: E402
 from qat.modules import FakeQuantLinear  # noqa: E402
@@ -63,10 +63,7 @@ def _train(flag: str, scheme: str, device: str = "cpu", steps: int = 3, dtype=to
     """Train a tiny Llama a few AdamW steps with QAT_RECOMPUTE=flag; everything a step produces. ``compile``:
     through ``torch.compile`` (CUDA), and ``kept`` is the device memory each forward left for the backward."""
     with _recompute(flag):
-        torch.manual_seed(0)
-        m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
-        qat.prepare(m, scheme, rules=rules, observer=observer)
-        m.to(device=device, dtype=dtype).train()
+        m = tiny_qat_llama(scheme, device, dtype, rules=rules, observer=observer, tie=tie, hidden=hidden, inter=inter)
         if compile:
             torch._dynamo.reset()
         fwd = torch.compile(m) if compile else m
@@ -96,25 +93,13 @@ def _train(flag: str, scheme: str, device: str = "cpu", steps: int = 3, dtype=to
         return dict(model=m, losses=losses, grads=grads, nodes=nodes, logits=logits, state=state, kept=kept)
 
 
-def _assert_same(a: dict, b: dict, what) -> None:
-    assert all(torch.equal(x, y) for x, y in zip(a["losses"], b["losses"])), (what, "losses", a["losses"], b["losses"])
-    for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
-        assert ga.keys() == gb.keys(), (what, step)
-        bad = [n for n in ga if not torch.equal(ga[n], gb[n])]
-        assert not bad, (what, "grads differ at step", step, bad[:5])
-    assert torch.equal(a["logits"], b["logits"]), (what, "eval logits")
-    assert a["state"].keys() == b["state"].keys()
-    bad = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
-    assert not bad, (what, "state", bad[:5])
-
-
 def _check_recompute_vs_today(scheme, device="cpu", **kw) -> tuple[dict, dict]:
     a, b = _train("0", scheme, device, **kw), _train("1", scheme, device, **kw)
     n_lin = len(_quant_linears(b["model"]))
     assert n_lin and all(n == 0 for n in a["nodes"]), (scheme, a["nodes"])
     # every quantized linear ran the recompute path (from the first step a quantizer is enabled)
     assert b["nodes"][-1] == n_lin, (scheme, b["nodes"], n_lin)
-    _assert_same(a, b, scheme)
+    assert_same_run(a, b, scheme)
     return a, b
 
 
@@ -320,7 +305,7 @@ def _fused_checks(device: str) -> None:
     for scheme, kw in cases:
         a, b = _train("0", scheme, device, **kw), _train("1", scheme, device, **kw)
         assert b["nodes"][-1] == len(_quant_linears(b["model"])), (scheme, kw, b["nodes"])
-        _assert_same(a, b, (scheme, kw))
+        assert_same_run(a, b, (scheme, kw))
         q = next(mod.weight_fake_quant for mod in b["model"].modules() if isinstance(mod, FakeQuantLinear))
         group = group_of(q)
         if kw.get("observer") is None:
@@ -376,7 +361,7 @@ def test_compiled_recompute_same_numbers_and_keeps_no_weight_copy(case):
     b = _train("1", device="cuda", compile=True, **kw)
     lins = _quant_linears(b["model"])
     if kw.get("dtype") == torch.bfloat16:
-        _assert_same(a, b, case)
+        assert_same_run(a, b, case)
     else:
         assert torch.equal(a["losses"][0], b["losses"][0])
         quantized = {n + ".weight" for n, mod in b["model"].named_modules() if isinstance(mod, FakeQuantLinear)}

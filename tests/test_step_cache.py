@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import tiny_llama  # noqa: E402
+from conftest import assert_same_run, tiny_llama, tiny_qat_llama  # noqa: E402
 
 import qat  # noqa: E402
 from qat import QATCallback  # noqa: E402
@@ -34,10 +34,7 @@ def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=to
            rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
            freeze_at=None):
     """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces."""
-    torch.manual_seed(0)
-    m = tiny_llama(vocab=256, hidden=hidden, inter=inter, layers=2, tie=tie)
-    qat.prepare(m, scheme, rules=rules, observer=observer)
-    m.to(device=device, dtype=dtype).train()
+    m = tiny_qat_llama(scheme, device, dtype, rules=rules, observer=observer, tie=tie, hidden=hidden, inter=inter)
     if compile:
         torch._dynamo.reset()
     fwd = torch.compile(m, backend=compile if isinstance(compile, str) else "inductor") if compile else m
@@ -70,18 +67,6 @@ def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=to
     return dict(model=m, cache=cache, losses=losses, grads=grads, logits=logits, state=state)
 
 
-def _assert_same(a: dict, b: dict, what, state=True) -> None:
-    assert all(torch.equal(x, y) for x, y in zip(a["losses"], b["losses"])), (what, "losses", a["losses"], b["losses"])
-    for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
-        assert ga.keys() == gb.keys(), (what, step, set(ga) ^ set(gb))
-        bad = [n for n in ga if not torch.equal(ga[n], gb[n])]
-        assert not bad, (what, "grads differ at step", step, bad[:5])
-    assert torch.equal(a["logits"], b["logits"]), (what, "eval logits")
-    if state:
-        bad = [k for k in a["state"] if not torch.equal(a["state"][k], b["state"][k])]
-        assert not bad, (what, "state", bad[:5])
-
-
 CASES = {
     "q4_0": dict(scheme="q4_0"),
     "int4_w_g32": dict(scheme="int4_w_g32"),
@@ -103,7 +88,7 @@ def _check(device: str, names=tuple(CASES), **extra) -> None:
     for name in names:
         kw = dict(CASES[name], **extra)
         a, b = _train(False, device=device, **kw), _train(True, device=device, **kw)
-        _assert_same(a, b, name)
+        assert_same_run(a, b, name)
         n_lin = sum(isinstance(mod, FakeQuantLinear) for mod in b["model"].modules())
         covered = len(b["cache"].modules)
         steps = kw.get("steps", 3)
@@ -130,7 +115,7 @@ def test_missed_refresh_falls_back_to_fake_quant(monkeypatch):
     caches, fake-quantize as usual, and the numbers stay those of the uncached run."""
     a = _train(False)
     b = _train(True, refresh=False)
-    _assert_same(a, b, "no refresh")
+    assert_same_run(a, b, "no refresh")
     assert all(m._w_cache.grad is None for m in b["cache"].modules)
 
 
@@ -354,7 +339,7 @@ def test_compiled_same_numbers_no_fake_quant_in_the_graph(name, monkeypatch):
     b = _train(True, device="cuda", compile=True, **kw)
     assert n_uncached > 0 and not traced, (n_uncached, len(traced))
     if kw.get("dtype") == torch.bfloat16:
-        _assert_same(a, b, name, state=False)
+        assert_same_run(a, b, name, state=False)
         bad = [k for k in a["state"] if "fake_quant" not in k and not torch.equal(a["state"][k], b["state"][k])]
         assert not bad, (name, "state", bad[:5])
     else:  # inductor's reduction order may differ between the two graphs (see test_recompute.py)
@@ -414,7 +399,7 @@ def test_traced_by_dynamo_same_numbers_no_recompiles(name):
     a = _train(False, **kw)
     counters.clear()
     b = _train(True, compile="aot_eager", **kw)
-    _assert_same(a, b, name)
+    assert_same_run(a, b, name)
     assert b["cache"].moved == len(b["cache"].modules) * (4 - kw.get("start_step", 0))
     # one graph for training, one for the no-grad eval forward; the switch-on adds one
     graphs = counters["stats"]["unique_graphs"]

@@ -153,4 +153,3 @@ def test_compiled_training_step_no_graph_breaks_and_same_grads(name):
 
     torch.compile(fresh(), backend=backend)(x)
     assert not any("scale" in str(t) for t in gm_inputs), gm_inputs
-

@@ -49,8 +49,10 @@ class QATCallback(L.Callback):
         act_observer: ``dynamic`` (per token) | ``moving_average``.
         skip_incompatible: leave layers the scheme cannot take in float (with a warning) instead of failing.
         log_every_n_steps: how often the per-layer error table goes to the logger (0: never).
-        step_cache: fake-quantize the small non-``learned`` layers once per optimizer step instead of in every
-            forward and backward (``qat/step_cache.py``; the same numbers). True/False: on/off. None (default):
+        step_cache: fake-quantize the non-``learned`` layers once per optimizer step instead of in every
+            forward and backward (``qat/step_cache.py``; the same numbers): small layers keep ``w_hat``, large
+            4-bit ones their codes (unpacked in the forward and the backward; ``QAT_STEP_CACHE_PACK=0``: they
+            fake-quantize as usual). True/False: on/off. None (default):
             the ``QAT_STEP_CACHE`` environment variable (``1`` on, ``0`` off), else on where it was measured
             faster and checked bitwise: weights on a GPU, Lightning's single-device strategy, automatic
             optimization. Never under DDP/FSDP/DeepSpeed, even on one device (they collect the gradients of
@@ -131,10 +133,11 @@ class QATCallback(L.Callback):
         from .step_cache import StepCache
 
         cache = StepCache(pl_module)
-        if cache.modules:
+        if cache.modules or cache.packed:
             self._cache = cache
-            rank_zero_info(f"QATCallback: step cache on for {len(cache.modules)} layers (fake quant once per "
-                           "optimizer step; QATCallback(step_cache=False) turns it off)")
+            rank_zero_info(f"QATCallback: step cache on for {len(cache.modules)} layers and packed for "
+                           f"{len(cache.packed)} large ones (fake quant once per optimizer step; "
+                           "QATCallback(step_cache=False) turns it off)")
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if self._cache is not None:

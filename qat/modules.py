@@ -24,6 +24,7 @@ __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "FAKE_QUANT_MODULES", "is_fa
 class FakeQuantLinear(nn.Linear):
     _w_cache: Optional[Tensor] = None  # this step's w_hat, set by qat/step_cache.py
     _w_cache_version = -1  # the weight's version it was computed from
+    _w_packed = None  # or a large layer's 4-bit codes for this step (qat/step_cache.py ``_Packed``)
 
     def __init__(self, linear: nn.Linear, weight_fake_quant: WeightQuantizer,
                  act_fake_quant: Optional[ActQuantizer] = None):
@@ -45,6 +46,14 @@ class FakeQuantLinear(nn.Linear):
         cache = self._w_cache
         if cache is not None and (torch.compiler.is_compiling() or self.weight._version == self._w_cache_version):
             return F.linear(x, cache, self.bias)  # w_hat computed once per optimizer step (qat/step_cache.py)
+        packed = self._w_packed
+        if packed is not None:  # codes computed once per optimizer step, w_hat unpacked in forward and backward
+            if torch.compiler.is_compiling():
+                return F.linear(x, checkpoint(self._w_hat_packed, self.weight, use_reentrant=False), self.bias)
+            if self.weight._version == packed.version:
+                if torch.is_grad_enabled() and self.weight.requires_grad:
+                    return recompute_linear(x, self.weight, self.bias, packed)
+                return F.linear(x, packed.w_hat(self.weight), self.bias)
         if torch.compiler.is_compiling():
             if self.weight_fake_quant.recomputes_compiled(self.weight):  # w_hat/mask recomputed in the backward
                 return F.linear(x, checkpoint(self._w_hat_as_used, self.weight, use_reentrant=False), self.bias)
@@ -59,6 +68,14 @@ class FakeQuantLinear(nn.Linear):
         unquantized layer. A region around the whole linear made it recompute the matmuls too (measured:
         ~1B Llama, 1.139x bf16's step)."""
         w_hat = self.weight_fake_quant(w)
+        if torch.is_autocast_enabled(w.device.type):
+            w_hat = w_hat.to(torch.get_autocast_dtype(w.device.type))
+        return w_hat
+
+    def _w_hat_packed(self, w: Tensor) -> Tensor:
+        """``_w_hat_as_used`` from the packed cache: the unpack op and autocast's cast, recomputed in the
+        backward by the partitioner as there."""
+        w_hat = self._w_packed.compiled_w_hat(w)
         if torch.is_autocast_enabled(w.device.type):
             w_hat = w_hat.to(torch.get_autocast_dtype(w.device.type))
         return w_hat

@@ -54,6 +54,48 @@ from .modules import FakeQuantLinear, is_fake_quant
 
 __all__ = ["StepCache"]
 
+class _PackBuf:
+    """The flat buffers of one group of packed layers (one format and weight dtype): the codes two per byte,
+    the stored scale (and zero term) per block, and one int32 of clip bits per 32 elements."""
+
+    def __init__(self, fmt, total: int, device, has_zero: bool):
+        s_dt, z_dt = tfq.packed_param_dtypes(fmt)
+        self.total = total
+        self.codes = torch.empty(total // 2, dtype=torch.uint8, device=device)
+        self.ps = torch.empty(total // fmt.block, dtype=s_dt, device=device)
+        self.pz = torch.empty(total // fmt.block, dtype=z_dt, device=device) if has_zero else None
+        self.words = torch.empty(total // 32, dtype=torch.int32, device=device)
+
+
+class _Packed:
+    """One layer's place in its group's ``_PackBuf`` (blocks ``b_off`` .. ``b_off + n_blocks``), and the weight
+    version the codes were computed from. The eager forward takes it as the recompute path's quantizer
+    (``fake_quant_detached``/``redo``: w_hat unpacked in the forward and again in the backward, the identity
+    STE there; the mask comes from the weight's gradient hook, ``StepCache._mask_hook``)."""
+
+    def __init__(self, buf: _PackBuf, b_off: int, n_blocks: int, fmt):
+        self.buf, self.b_off, self.n_blocks, self.fmt = buf, b_off, n_blocks, fmt
+        self.version = -1
+
+    def w_hat(self, w: Tensor) -> Tensor:
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        return tfq.unpack(self.buf.codes, self.buf.ps, self.buf.pz, self.b_off, self.n_blocks, self.fmt, out)
+
+    def compiled_w_hat(self, w: Tensor) -> Tensor:
+        """Under torch.compile: the ``qat::unpack_w`` op, whose gradient reaches ``w`` unchanged."""
+        return torch.ops.qat.unpack_w(w, self.buf.codes, self.buf.ps, self.buf.pz, self.b_off, self.fmt.name)
+
+    def fake_quant_detached(self, w: Tensor):
+        return self.w_hat(w), "packed", ()
+
+    def redo(self, w: Tensor, how: str, params: tuple):
+        return self.w_hat(w), _identity
+
+
+def _identity(g: Tensor) -> tuple:
+    return (g,)
+
+
 def _rule_in_kernel(m) -> bool:
     """Whether the refresh kernel computes the layer's parameters (the ``dynamic`` rule, not frozen)."""
     q = m.weight_fake_quant
@@ -67,33 +109,44 @@ class StepCache:
             if is_fake_quant(m):
                 users[id(m.weight)] = users.get(id(m.weight), 0) + 1
         switch = os.environ.get("QAT_RECOMPUTE", "")
+        pack = os.environ.get("QAT_STEP_CACHE_PACK", "") != "0"
         self.modules: list[FakeQuantLinear] = []
+        self.packed: list[FakeQuantLinear] = []  # large 4-bit layers: codes, not w_hat (``_Packed``)
         for m in model.modules():
             q = getattr(m, "weight_fake_quant", None)
             if not isinstance(m, FakeQuantLinear) or q is None or q.observer == "learned" or users[id(m.weight)] > 1:
                 continue
-            if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)) or q.recompute_rule(m.weight, switch):
-                continue  # layers that recompute keep no w_hat; a cache would keep one for the whole step
+            if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)):
+                continue
+            if q.recompute_rule(m.weight, switch):  # large: no w_hat for the whole step; 4-bit codes may do
+                if pack and tfq.packable(q.fmt) and q.observer in ("dynamic", "mse"):
+                    self.packed.append(m)
+                continue
             self.modules.append(m)
         self._tables: dict = {}
+        self._bufs: dict = {}  # the packed layers' flat buffers, per group
+        self._hooks: dict = {}  # id(module) -> its weight's post-accumulate-grad hook (the packed STE mask)
+        self.masked = 0  # gradients the packed layers' hooks masked, in total
         self._versions: Optional[list] = None
         self.refreshes = 0  # how many times ``refresh`` ran
         self.moved = 0  # gradients ``flush`` moved to weights, in total
 
     # -- which layers use their cache this step ---------------------------------------------------------
-    def _live(self) -> list[FakeQuantLinear]:
+    def _live(self, mods: Optional[list] = None) -> list[FakeQuantLinear]:
         live = []
-        for m in self.modules:
+        for m in self.modules if mods is None else mods:
             q = m.weight_fake_quant
             if q.enabled and m.weight.requires_grad:
                 live.append(m)
-            else:
+            elif mods is None:
                 m._w_cache = None
+            else:
+                m._w_packed = None
         return live
 
     def _state(self) -> list:
         return [(m.weight._version, m.weight.data_ptr(), m.weight_fake_quant.enabled, m.weight_fake_quant._frozen)
-                for m in self.modules]
+                for m in self.modules + self.packed]
 
     def stale(self) -> bool:
         """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, since the last
@@ -128,8 +181,61 @@ class StepCache:
                     m._w_cache.copy_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[0])
         for m in live:
             m._w_cache_version = m.weight._version
+        self._refresh_packed(self._live(self.packed))
         self._versions = self._state()
         self.refreshes += 1
+
+    def _refresh_packed(self, live: list) -> None:
+        """Every live packed layer's codes, stored parameters and clip bits, one launch per group."""
+        for group, fused in self._groups(live):
+            fmt, w0 = group[0].weight_fake_quant.fmt, group[0].weight
+            if not fused:  # no Triton here, or a weight the kernel does not take: fake quant as usual
+                for m in group:
+                    m._w_packed = None
+                continue
+            in_kernel = _rule_in_kernel(group[0])
+            if not in_kernel:
+                for m in group:
+                    m.weight_fake_quant.observe(m.weight)  # mse's search; nothing when frozen
+            weights = [m.weight for m in group]
+            zeros = [m.weight_fake_quant.zero for m in group]
+            wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, _, _, aligned = cached_tables(
+                self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
+            key = (fmt.name, w0.dtype, w0.device, in_kernel)
+            buf = self._bufs.get(key)
+            if buf is None or buf.total != total:
+                buf = self._bufs[key] = _PackBuf(fmt, total, w0.device, zeros[0] is not None)
+            tfq._pack_table_kernel[(pl.numel(),)](
+                w0, wp, sp, zp, off, nb, pl, pr, buf.codes, buf.ps, buf.ps if buf.pz is None else buf.pz, buf.words,
+                float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)), BLOCK=block, ROWS=rows,
+                KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16,
+                ALIGNED=aligned, DYNAMIC=in_kernel, num_warps=4, **tfq.launch_opts())
+            start = 0
+            for m, n in zip(group, sizes):
+                pk = m._w_packed
+                if pk is None or pk.buf is not buf or pk.b_off != start // block:
+                    pk = m._w_packed = _Packed(buf, start // block, n // block, fmt)
+                pk.version = m.weight._version
+                start += n
+                if id(m) not in self._hooks:
+                    self._hooks[id(m)] = m.weight.register_post_accumulate_grad_hook(self._mask_hook(m))
+
+    def _mask_hook(self, m):
+        """The STE's clip mask on ``m.weight.grad`` after each accumulation (so per micro-batch; applying it
+        again changes nothing), where the forward used the packed cache: its weight is the one the codes
+        came from (as the eager forward checks; compiled, the forward always uses the cache)."""
+        def hook(p: Tensor) -> None:
+            pk = m._w_packed
+            if pk is None or p.grad is None or p._version != pk.version:
+                return
+            g = p.grad
+            flat = g if g.is_contiguous() else g.contiguous()
+            with torch.no_grad():
+                tfq.clip_zero(flat, pk.buf.words, pk.b_off * pk.fmt.block // 32, pk.n_blocks * pk.fmt.block // 32)
+                if flat is not g:
+                    g.copy_(flat)
+            self.masked += 1
+        return hook
 
     def refresh_if_stale(self) -> None:
         if self.stale():
@@ -162,6 +268,11 @@ class StepCache:
         """Back to fake quant in every forward (frees the caches)."""
         for m in self.modules:
             m._w_cache = None
+        for m in self.packed:
+            m._w_packed = None
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks, self._bufs = {}, {}
         self._versions = None
 
     # -- launches --------------------------------------------------------------------------------------------

@@ -429,3 +429,128 @@ def test_default_off_with_manual_optimization_or_the_variable(monkeypatch):
     assert not QATCallback("q4_0")._step_cache_wanted(_T(), module)
     monkeypatch.setenv("QAT_STEP_CACHE", "0")
     assert not QATCallback("q4_0")._step_cache_wanted(_T(), _LM().cuda())
+
+
+# -- the packed cache: large layers keep 4-bit codes for the step, not w_hat ------------------------------------
+
+PACKED_CASES = {name: CASES[name] for name in (
+    "q4_0", "int4_w_g32", "int4_asym_g32 mse", "q8_0 bf16 weights", "q4_0 autocast bf16",
+    "q4_0 2 micro-batches per step", "q4_0 switched on at step 2", "q4_0 dynamic, frozen at step 2")}
+PACKED_CASES["q4_1 bf16 weights"] = dict(scheme="q4_1", dtype=torch.bfloat16)
+
+
+def _packed_checks(device: str, compile=False) -> None:
+    """Every layer taken as large (``QAT_RECOMPUTE=1``): the 4-bit ones keep codes, parameters and clip bits
+    for the step, unpack ``w_hat`` in the forward and again in the backward, and their weights' gradient
+    hooks apply the STE's mask. Bitwise the uncached eager run, eager or through dynamo and AOTAutograd
+    (``compile="aot_eager"``); with inductor, the uncached compiled run's numbers; compiled, with no graph
+    break and no recompile. Q8_0 (8-bit codes) is
+    not packed: those layers keep the recompute path."""
+    import os
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from qat.kernels import triton_fq as tfq
+
+    os.environ["QAT_RECOMPUTE"] = "1"
+    try:
+        for name, kw in PACKED_CASES.items():
+            if compile == "aot_eager" and kw.get("dtype") == torch.bfloat16:
+                continue  # the traced bf16 graphs differ from eager outside fake quant (the q8_0 case, unpacked)
+            kw = dict(kw)
+            # aot_eager runs the traced graphs as they are: against eager; inductor: against the uncached compiled run
+            a = _train(False, device=device, compile=compile if compile == "inductor" else False, **kw)
+            counters.clear()
+            b = _train(True, device=device, compile=compile, **kw)
+            cache = b["cache"]
+            n_lin = sum(isinstance(mod, FakeQuantLinear) for mod in b["model"].modules())
+            assert cache.modules == [], name
+            if "q8_0" in name:
+                assert cache.packed == [] and cache.masked == 0, name
+            else:
+                assert len(cache.packed) == n_lin, (name, len(cache.packed))
+                on = kw.get("steps", 3) - kw.get("start_step", 0)
+                assert cache.masked == n_lin * on * kw.get("accum", 1), (name, cache.masked)
+                clipped = sum(int(torch.tensor([bin(w & 0xFFFFFFFF).count("1") for w in buf.words.tolist()]).sum())
+                              for buf in cache._bufs.values())
+                # the mask is not all ones: the hooks have something to do (Q4_1's min/max range clips nothing)
+                assert clipped > 0 or kw["scheme"] == "q4_1", name
+            if compile:
+                assert sum(counters["graph_break"].values()) == 0, (name, dict(counters["graph_break"]))
+                # training and eval; a switch-on, or a freeze (the packed buffers of frozen parameters are new
+                # tensors), adds one
+                extra = (kw.get("start_step", 0) > 0) + (kw.get("freeze_at") is not None)
+                assert counters["stats"]["unique_graphs"] <= 2 + extra, (name, dict(counters["stats"]))
+            if compile and device == "cuda" and kw.get("dtype") != torch.bfloat16:
+                # inductor may order the rest of the backward's sums differently around other ops
+                assert torch.equal(a["losses"][0], b["losses"][0]), name
+                torch.testing.assert_close(torch.stack(a["losses"]), torch.stack(b["losses"]), rtol=1e-3, atol=0)
+            else:
+                assert_same_run(a, b, name)
+        # without the hooks' mask the gradients are the identity STE's: the run differs
+        orig = tfq.clip_zero
+        tfq.clip_zero = lambda *args: None
+        try:
+            a, b = _train(False, device=device), _train(True, device=device)
+            assert not all(torch.equal(x, y) for x, y in zip(a["state"].values(), b["state"].values()))
+        finally:
+            tfq.clip_zero = orig
+    finally:
+        del os.environ["QAT_RECOMPUTE"]
+    print("packed cache checks passed")
+
+
+def test_packed_cache_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _packed_checks; _packed_checks('cpu')", "packed cache checks passed")
+
+
+def test_packed_cache_traced_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _packed_checks; _packed_checks('cpu', compile='aot_eager')",
+                    "packed cache checks passed")
+
+
+@pytest.mark.gpu
+def test_packed_cache_cuda():
+    _packed_checks("cuda")
+
+
+@pytest.mark.gpu
+def test_packed_cache_compiled_cuda():
+    _packed_checks("cuda", compile="inductor")
+
+
+def test_packed_coverage_and_fallbacks(monkeypatch):
+    """Which large layers are packed (4-bit affine formats, ``dynamic``/``mse``, an unshared weight), the
+    switch, and where packing cannot run (no Triton, e.g. this CPU without the interpreter): the layers
+    keep the recompute path and nothing is packed or hooked."""
+    monkeypatch.setenv("QAT_RECOMPUTE", "1")
+    m = tiny_llama(vocab=256, hidden=64, inter=128, layers=1)
+    qat.prepare(m, "q4_0", rules={"*mlp.down_proj": "q8_0", "*mlp.up_proj": "q5_0"})
+    cache = StepCache(m)
+    names = {n for n, mod in m.named_modules() if mod in cache.packed}
+    # 8- and 5-bit codes are not packed; large, they recompute (no w_hat cache either)
+    assert len(names) == 5 and not any("down_proj" in n or "up_proj" in n for n in names), names
+    assert cache.modules == []
+    monkeypatch.setenv("QAT_STEP_CACHE_PACK", "0")
+    assert StepCache(m).packed == []
+    monkeypatch.delenv("QAT_STEP_CACHE_PACK")
+    monkeypatch.setenv("QAT_DISABLE_TRITON", "1")
+    cache.refresh()
+    assert all(mod._w_packed is None for mod in cache.packed) and not cache._hooks
+    cache.close()
+
+
+def test_packed_missed_refresh_falls_back_interpreted():
+    from conftest import run_interpreted
+
+    code = ("import os; os.environ['QAT_RECOMPUTE'] = '1'; import torch; from conftest import assert_same_run; "
+            "from test_step_cache import _train; a = _train(False); b = _train(True, refresh=False); "
+            "assert_same_run(a, b, 'no refresh'); c = b['cache']; "
+            "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
+            "print('missed refresh ok')")
+    run_interpreted(code, "missed refresh ok")

@@ -87,19 +87,15 @@ elif HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
-    def _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
-                 offset: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, MODE: tl.constexpr):
-        # Blocks ``rows`` of one weight. MODE 0: w_hat to OUT and the clip mask to MASK; 1: w_hat to OUT only;
-        # 2: the STE backward in place, OUT holding the gradient of w_hat, which becomes OUT * mask (no w_hat
-        # written). qmin/qmax/offset are per-format float constants (constexpr: under
+    def _fq_codes(x, SCALE, ZERO, rows, rmask, cols, qmin: tl.constexpr, qmax: tl.constexpr, offset: tl.constexpr,
+                  BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  SCALE_F16: tl.constexpr):
+        # The blocks ``x`` (fp32, [rows, BLOCK]) -> ``(s_st, zt, raw, codes)``: the stored scale, the zero term
+        # w_hat takes (KIND 2: the stored min; 4: the integer zero-point; else unused), the unclamped and the
+        # clamped codes. DYNAMIC: the reference rule's parameters, also stored to SCALE/ZERO (the observer's
+        # buffers); else read from there. qmin/qmax/offset are per-format float constants (constexpr: under
         # torch.compile a runtime float argument would arrive as fp64). Every product that feeds a sum is
         # mul_rn/add_rn: never contracted into an FMA, whatever compiler options launch us.
-        cols = tl.arange(0, BLOCK)
-        rmask = rows < n_blocks
-        offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
-        x = tl.load(W + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
-
         if DYNAMIC:
             if KIND == 0:  # Q4_0/Q5_0: d = max / -offset, max = signed value of largest magnitude (first on ties)
                 ax = tl.abs(x)
@@ -152,20 +148,40 @@ if HAS_TRITON:
             if KIND == 4:
                 raw = raw + zero[:, None]
         codes = tl.minimum(tl.maximum(raw, qmin), qmax) + 0.0
-        if KIND == 2:
-            if SCALE_F16:
-                z_st = zero.to(tl.float16).to(tl.float32)
-            else:
-                z_st = zero
-            w_hat = _add(_mul(codes, s_st[:, None]), z_st[:, None])
-        elif KIND == 4:
-            w_hat = (codes - zero[:, None]) * s_st[:, None]
+        if KIND == 2 and SCALE_F16:
+            zt = zero.to(tl.float16).to(tl.float32)
         else:
-            w_hat = (codes - offset) * s_st[:, None]
+            zt = zero
+        return s_st, zt, raw, codes
+
+    @triton.jit
+    def _w_hat(codes, s_st, zt, offset: tl.constexpr, KIND: tl.constexpr):
+        """w_hat (fp32) of the codes and ``_fq_codes``' stored scale and zero term."""
+        if KIND == 2:
+            return _add(_mul(codes, s_st[:, None]), zt[:, None])
+        elif KIND == 4:
+            return (codes - zt[:, None]) * s_st[:, None]
+        else:
+            return (codes - offset) * s_st[:, None]
+
+    @triton.jit
+    def _fq_rows(W, OUT, MASK, SCALE, ZERO, rows, n_blocks, qmin: tl.constexpr, qmax: tl.constexpr,
+                 offset: tl.constexpr, BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, MODE: tl.constexpr):
+        # Blocks ``rows`` of one weight. MODE 0: w_hat to OUT and the clip mask to MASK; 1: w_hat to OUT only;
+        # 2: the STE backward in place, OUT holding the gradient of w_hat, which becomes OUT * mask (no w_hat
+        # written).
+        cols = tl.arange(0, BLOCK)
+        rmask = rows < n_blocks
+        offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
+        x = tl.load(W + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        s_st, zt, raw, codes = _fq_codes(x, SCALE, ZERO, rows, rmask, cols, qmin, qmax, offset, BLOCK, KIND, DYNAMIC,
+                                         HAS_ZERO, SCALE_F16)
         if MODE == 2:  # torch's ``grad * mask`` bitwise: g where inside, else g * 0 (-g*0 = -0, nan*0 = nan)
             g = tl.load(OUT + offs, mask=rmask[:, None], other=0.0)
             tl.store(OUT + offs, tl.where(raw == codes, g, g * 0.0).to(OUT.dtype.element_ty), mask=rmask[:, None])
         else:
+            w_hat = _w_hat(codes, s_st, zt, offset, KIND)
             tl.store(OUT + offs, w_hat.to(OUT.dtype.element_ty), mask=rmask[:, None])
             if MODE == 0:
                 tl.store(MASK + offs, (raw == codes).to(MASK.dtype.element_ty), mask=rmask[:, None])
@@ -227,6 +243,76 @@ if HAS_TRITON:
         Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         _fq_rows(W, O, O, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
                  SCALE_F16, MODE)
+
+
+
+    # -- the packed step cache (qat/step_cache.py): 4-bit codes once per optimizer step, w_hat from them ------
+    @triton.jit
+    def _pack_table_kernel(W0, WP, SP, ZP, OFF, NB, PL, PR, C, PS, PZ, WD, qmin: tl.constexpr,
+                           qmax: tl.constexpr, offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                           KIND: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr,
+                           ALIGNED: tl.constexpr, DYNAMIC: tl.constexpr):
+        # Many weights of one 4-bit format in one launch (program -> layer PL, first block PR; the weight at
+        # W0 + WP[layer], the observer buffers at SP/ZP[layer], the layer's element offset OFF in the flat
+        # outputs): the parameters as ``_fq_codes`` gives them (DYNAMIC: also into the observer buffers), and
+        # into the flat outputs C: the codes minus qmin, two per byte (element 2i in the low nibble, 2i+1 in
+        # the high); PS/PZ: the stored scale and zero term per block (what ``_w_hat`` takes); WD: the clip
+        # bits, bit j of int32 word i set where element 32i+j was clamped (where the STE's mask is 0).
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        rmask = rows < tl.load(NB + layer)
+        cols = tl.arange(0, BLOCK)
+        W = _table_ptr(W0, WP, layer, ALIGNED)
+        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
+        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
+        x = tl.load(W + rows[:, None].to(tl.int64) * BLOCK + cols[None, :], mask=rmask[:, None], other=0.0)
+        s_st, zt, raw, codes = _fq_codes(x.to(tl.float32), S, Z, rows, rmask, cols, qmin, qmax, offset, BLOCK,
+                                         KIND, DYNAMIC, HAS_ZERO, SCALE_F16)
+        blk = tl.load(OFF + layer) // BLOCK + rows.to(tl.int64)
+        tl.store(PS + blk, s_st.to(PS.dtype.element_ty), mask=rmask)
+        if HAS_ZERO:
+            tl.store(PZ + blk, zt.to(PZ.dtype.element_ty), mask=rmask)
+        lo, hi = tl.split(tl.reshape((codes - qmin).to(tl.uint8), (ROWS, BLOCK // 2, 2)))
+        half = tl.arange(0, BLOCK // 2)
+        tl.store(C + blk[:, None] * (BLOCK // 2) + half[None, :], lo | (hi << 4), mask=rmask[:, None])
+        bits = (raw != codes).to(tl.uint32) << (cols % 32).to(tl.uint32)[None, :]
+        words = tl.sum(tl.reshape(bits, (ROWS, BLOCK // 32, 32)), axis=2).to(tl.int32, bitcast=True)
+        per = tl.arange(0, BLOCK // 32)
+        tl.store(WD + blk[:, None] * (BLOCK // 32) + per[None, :], words, mask=rmask[:, None])
+
+    @triton.jit
+    def _unpack_kernel(C, PS, PZ, OUT, n_blocks, qmin: tl.constexpr, offset: tl.constexpr, BLOCK: tl.constexpr,
+                       ROWS: tl.constexpr, KIND: tl.constexpr):
+        # w_hat of one layer from its slice of ``_pack_table_kernel``'s outputs, in OUT's dtype: the same
+        # ``_w_hat`` on the same codes and stored parameters, so the same bits as the fake quant kernel.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_blocks
+        half = tl.arange(0, BLOCK // 2)
+        b = tl.load(C + rows[:, None].to(tl.int64) * (BLOCK // 2) + half[None, :], mask=rmask[:, None], other=0)
+        codes = tl.reshape(tl.join(b & 15, b >> 4), (ROWS, BLOCK)).to(tl.float32) + qmin
+        s_st = tl.load(PS + rows, mask=rmask, other=1.0).to(tl.float32)
+        if KIND == 2 or KIND == 4:
+            zt = tl.load(PZ + rows, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            zt = s_st * 0.0
+        w_hat = _w_hat(codes, s_st, zt, offset, KIND)
+        cols = tl.arange(0, BLOCK)
+        tl.store(OUT + rows[:, None].to(tl.int64) * BLOCK + cols[None, :], w_hat.to(OUT.dtype.element_ty),
+                 mask=rmask[:, None])
+
+    @triton.jit
+    def _clip_zero_kernel(G, WD, n_words, WORDS: tl.constexpr):
+        # The STE's mask on a gradient, in place, from ``_pack_table_kernel``'s clip bits: g * 0 where the code
+        # was clamped (as torch's ``grad * mask``: -g*0 = -0, nan*0 = nan); the other elements are not touched
+        # (nor read: the loads and stores are predicated on the bits, so the traffic is the words).
+        w_idx = tl.program_id(0) * WORDS + tl.arange(0, WORDS)
+        words = tl.load(WD + w_idx, mask=w_idx < n_words, other=0)
+        lanes = tl.arange(0, 32)
+        hit = ((words[:, None] >> lanes[None, :]) & 1) != 0
+        offs = w_idx[:, None].to(tl.int64) * 32 + lanes[None, :]
+        g = tl.load(G + offs, mask=hit, other=0.0)
+        tl.store(G + offs, g * 0.0, mask=hit)
 
 
 if HAS_TRITON:
@@ -307,6 +393,44 @@ def fused_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional
     return out, mask
 
 
+def packable(fmt) -> bool:
+    """Whether the packed step cache takes ``fmt``: a kernel rule with codes of at most 4 bits (Q4_0, Q4_1,
+    int4/int3/int2 symmetric or not) in blocks of a multiple of 32 (one clip word per 32 elements)."""
+    return (isinstance(fmt, AffineFormat) and kernel_kind(fmt) in (SYM_MAX, MINMAX, INT_SYM, INT_ASYM)
+            and fmt.qmax - fmt.qmin <= 15 and fmt.block % 32 == 0)
+
+
+def packed_param_dtypes(fmt) -> tuple[torch.dtype, torch.dtype]:
+    """``(scale, zero term)`` dtypes of the packed cache's per-block parameters: fp16 where the format stores
+    them in fp16 (so exactly), the integer zero-point of int formats too (an integer <= 15), else fp32."""
+    f16 = fmt.scale_dtype == torch.float16
+    return (torch.float16 if f16 else torch.float32,
+            torch.float16 if f16 or kernel_kind(fmt) == INT_ASYM else torch.float32)
+
+
+def unpack(codes: Tensor, ps: Tensor, pz: Optional[Tensor], b_off: int, n_blocks: int, fmt, out: Tensor,
+           launcher=lambda k: k) -> Tensor:
+    """``out`` (a contiguous tensor of ``n_blocks * block`` elements) <- w_hat of the blocks from ``b_off`` on in
+    the packed cache's flat buffers ``codes`` (bytes), ``ps``/``pz`` (per-block scale and zero term)."""
+    block = fmt.block
+    rows = max(1, 4096 // block)
+    c = codes[b_off * (block // 2):(b_off + n_blocks) * (block // 2)]
+    s = ps[b_off:b_off + n_blocks]
+    z = s if pz is None else pz[b_off:b_off + n_blocks]
+    launcher(_unpack_kernel)[(triton.cdiv(n_blocks, rows),)](
+        c, s, z, out, n_blocks, float(fmt.qmin), float(getattr(fmt, "offset", 0)), BLOCK=block, ROWS=rows,
+        KIND=kernel_kind(fmt), num_warps=4, **launch_opts())
+    return out
+
+
+def clip_zero(grad: Tensor, words: Tensor, w_off: int, n_words: int) -> None:
+    """``grad *= mask`` in place, the mask given by the packed cache's clip words from ``w_off`` on (see
+    ``_clip_zero_kernel``); ``grad`` contiguous."""
+    per = 64
+    _clip_zero_kernel[(triton.cdiv(n_words, per),)](grad, words[w_off:w_off + n_words], n_words, WORDS=per,
+                                                    num_warps=4, **launch_opts())
+
+
 # -- for torch.compile: functional triton_ops with their autograd registered, so dynamo traces the whole
 #    fake quant as one op (no autograd.Function, no graph break per layer), inductor launches the kernel
 #    from its generated code, and never rewrites its arithmetic.
@@ -350,6 +474,32 @@ if HAS_TRITON:
 
     _fq_dynamic_op.register_autograd(_fq_backward, setup_context=_fq_setup)
     _fq_op.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+    # Triton's interpreter (the CPU tests) has no kernels for wrap_triton to trace: there the op is opaque
+    _opaque = INTERPRET
+
+    @(torch.library.custom_op("qat::unpack_w", mutates_args=()) if _opaque else triton_op("qat::unpack_w", mutates_args=()))
+    def _unpack_op(w: Tensor, codes: Tensor, ps: Tensor, pz: Optional[Tensor], b_off: int, fmt_name: str) -> Tensor:
+        """The packed step cache's w_hat of ``w`` under torch.compile: its blocks from ``b_off`` on in the flat
+        buffers (one graph input each for all layers). ``w`` is read for its shape only; its gradient is the
+        output's (the STE's mask is applied after the backward, from the clip words: qat/step_cache.py)."""
+        from ..formats import get_format
+        fmt = get_format(fmt_name)
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        return unpack(codes, ps, pz, b_off, w.numel() // fmt.block, fmt, out, (lambda k: k) if _opaque else wrap_triton)
+
+    def _unpack_setup(ctx, inputs, output):
+        pass
+
+    def _unpack_backward(ctx, grad):
+        return grad, None, None, None, None, None
+
+    _unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup)
+
+    if _opaque:
+        @_unpack_op.register_fake
+        def _unpack_fake(w, codes, ps, pz, b_off, fmt_name):
+            return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
 def compiled_fake_quant(w: Tensor, fmt: AffineFormat, scale: Tensor, zero: Optional[Tensor], dynamic: bool) -> Tensor:

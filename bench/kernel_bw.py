@@ -1,6 +1,7 @@
 """Bandwidth of the fake-quant kernels on one weight, against a plain copy (what a bandwidth-bound kernel
 can reach on this GPU): the forward kernel (``qat::fake_quant_dynamic``: read w, write w_hat and the mask),
-the STE's ``grad * mask``, and the step cache's refresh (MODE 1) and flush (MODE 2) over the same weight.
+the STE's ``grad * mask``, the step cache's refresh (MODE 1) and flush (MODE 2) over the same weight, and
+the packed cache's refresh (codes, parameters, clip bits), unpack (w_hat) and clip mask.
 
     python bench/kernel_bw.py --shape 8192,2048 --fmt q4_0 --dtype bf16
 
@@ -68,8 +69,20 @@ def main():
         layer.weight.grad = None
         cache.flush()
 
+    os.environ["QAT_RECOMPUTE"] = "1"  # the same layer as a large one: the packed cache
+    packed = StepCache(model)
+    packed.refresh()
+    pk = layer._w_packed
+    os.environ.pop("QAT_RECOMPUTE")
+    fmt = layer.weight_fake_quant.fmt
+    params = n // fmt.block * (pk.buf.ps.element_size() + (0 if pk.buf.pz is None else pk.buf.pz.element_size()))
+    g2 = grad.clone()
+
     rows = []
     for name, fn, nbytes in [
+        ("packed refresh (w -> codes, params, clip bits)", packed.refresh, n * es + n // 2 + params + n // 8),
+        ("packed unpack (codes, params -> w_hat)", lambda: pk.w_hat(w), n // 2 + params + n * es),
+        ("packed clip mask (bits -> grad)", lambda: tfq.clip_zero(g2, pk.buf.words, 0, n // 32), n // 8),
         ("copy (w.clone)", lambda: w.clone(), 2 * n * es),
         ("fake quant forward (w -> w_hat, mask)", lambda: tfq._fq_dynamic_op(w, args.fmt), n * (2 * es + 1)),
         ("STE grad * mask", lambda: grad * mask, n * (2 * es + 1)),
@@ -79,7 +92,7 @@ def main():
         ms = timed(fn)
         rows.append(dict(kernel=name, ms=ms, gb_per_s=nbytes / ms / 1e6, shape=args.shape, fmt=args.fmt,
                          dtype=args.dtype, device=torch.cuda.get_device_name()))
-        print(f"{name:42s} {ms * 1e3:9.1f} us  {nbytes / ms / 1e6:8.0f} GB/s")
+        print(f"{name:48s} {ms * 1e3:9.1f} us  {nbytes / ms / 1e6:8.0f} GB/s")
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 

@@ -157,7 +157,9 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
     res = dict(model=args.model, variant=variant, compiled=compiled, batch=args.batch, seq=args.seq,
                ms_per_step=ms, tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
-    del model, opt, step_fn
+    if cache is not None:
+        cache.close()  # its gradient hooks on the weights would keep the model alive until a later gc
+    del model, opt, step_fn, cache, step
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -41,6 +41,7 @@ is not traced: there ``refresh`` must follow every change of the weights (the ca
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -224,6 +225,8 @@ class StepCache:
         """The STE's clip mask on ``m.weight.grad`` after each accumulation (so per micro-batch; applying it
         again changes nothing), where the forward used the packed cache: its weight is the one the codes
         came from (as the eager forward checks; compiled, the forward always uses the cache)."""
+        cache = weakref.ref(self)  # the weight keeps its hook: not the cache too
+
         def hook(p: Tensor) -> None:
             pk = m._w_packed
             if pk is None or p.grad is None or p._version != pk.version:
@@ -234,7 +237,9 @@ class StepCache:
                 tfq.clip_zero(flat, pk.buf.words, pk.b_off * pk.fmt.block // 32, pk.n_blocks * pk.fmt.block // 32)
                 if flat is not g:
                     g.copy_(flat)
-            self.masked += 1
+            c = cache()
+            if c is not None:
+                c.masked += 1
         return hook
 
     def refresh_if_stale(self) -> None:

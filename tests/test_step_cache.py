@@ -437,6 +437,7 @@ PACKED_CASES = {name: CASES[name] for name in (
     "q4_0", "int4_w_g32", "int4_asym_g32 mse", "q8_0 bf16 weights", "q4_0 autocast bf16",
     "q4_0 2 micro-batches per step", "q4_0 switched on at step 2", "q4_0 dynamic, frozen at step 2")}
 PACKED_CASES["q4_1 bf16 weights"] = dict(scheme="q4_1", dtype=torch.bfloat16)
+INDUCTOR_CASES = ("q4_0 autocast bf16", "q4_1 bf16 weights")
 
 
 def _packed_checks(device: str, compile=False) -> None:
@@ -458,7 +459,10 @@ def _packed_checks(device: str, compile=False) -> None:
         for name, kw in PACKED_CASES.items():
             if compile == "aot_eager" and kw.get("dtype") == torch.bfloat16:
                 continue  # the traced bf16 graphs differ from eager outside fake quant (the q8_0 case, unpacked)
+            if compile == "inductor" and name not in INDUCTOR_CASES:
+                continue  # two inductor compiles per case: the cases the eager run does not cover already
             kw = dict(kw)
+            print("packed:", name, flush=True)
             # aot_eager runs the traced graphs as they are: against eager; inductor: against the uncached compiled run
             a = _train(False, device=device, compile=compile if compile == "inductor" else False, **kw)
             counters.clear()
@@ -482,8 +486,10 @@ def _packed_checks(device: str, compile=False) -> None:
                 # tensors), adds one
                 extra = (kw.get("start_step", 0) > 0) + (kw.get("freeze_at") is not None)
                 assert counters["stats"]["unique_graphs"] <= 2 + extra, (name, dict(counters["stats"]))
-            if compile and device == "cuda" and kw.get("dtype") != torch.bfloat16:
-                # inductor may order the rest of the backward's sums differently around other ops
+            if compile == "inductor":
+                # inductor may order the rest of the backward's sums differently around other ops (measured on
+                # an H200: Q4_1 with bf16 weights, the third loss 5.5814 against 5.5817); the kernels' bits are
+                # checked eager above
                 assert torch.equal(a["losses"][0], b["losses"][0]), name
                 torch.testing.assert_close(torch.stack(a["losses"]), torch.stack(b["losses"]), rtol=1e-3, atol=0)
             else:

@@ -14,13 +14,24 @@ and moves ``mask * grad(w_hat)`` to ``weight.grad``: the STE's gradient, bitwise
 for gradient accumulation too (the mask is the same for every micro-batch).
 
 Covered: ``FakeQuantLinear`` layers with an affine format and the ``dynamic`` or ``mse`` observer (frozen or
-not; ``learned`` scales take gradients of their own), whose weight no other fake-quant module shares, below the recompute path's size (``RECOMPUTE_MIN_NUMEL`` on CUDA: a
-cache keeps ``w_hat`` for the whole step, which large layers recompute instead to save memory); and k-quant
-layers (``q4_k`` ... and the ``_k_m`` mixes' k-quant tensors), whose STE is the identity, so ``flush`` only
-moves their gradients (they do not recompute by default either). Anything else keeps its path. Affine
-formats: one launch per (format, dtype) on CUDA with Triton; elsewhere the same numbers per layer with torch
-(``ste_forward``, what the eager STE computes). K-quants: the group search of ``kernels/batch.py`` (all
-layers of one type at once, bitwise the per-layer result), then a copy into each cache.
+not; ``learned`` scales take gradients of their own), whose weight no other fake-quant module shares, and
+k-quant layers (``q4_k`` ... and the ``_k_m`` mixes' k-quant tensors), whose STE is the identity, so ``flush``
+only moves their gradients. Anything else keeps its path. Affine formats: one launch per (format, dtype) on
+CUDA with Triton; elsewhere the same numbers per layer with torch (``ste_forward``, what the eager STE
+computes). K-quants: the group search of ``kernels/batch.py`` (all layers of one type at once, bitwise the
+per-layer result), then a copy into each cache.
+
+Large layers (the recompute path's size rule, ``RECOMPUTE_MIN_NUMEL`` on CUDA) would keep ``w_hat`` for the
+whole step: 2 bytes per weight, 1.083x bf16's peak memory on a ~1B Llama (BENCHMARKS.md). Those in a format
+of at most 4-bit codes (Q4_0, Q4_1, int4/int3/int2) are *packed* instead (``_PackBuf``, Triton only):
+one launch after the optimizer step writes their codes two per byte, the stored scale (and zero term) per
+block and one bit per weight saying where the code was clamped (~0.7 bytes per weight for Q4_0); every
+forward unpacks ``w_hat`` from them, and the backward again (the recompute path's autograd node in eager mode;
+``qat::unpack_w`` in a checkpoint region under compile), at ~2.5 bytes per weight against the fake quant
+kernel's 5. Their STE is split: the identity in the graph, and the clip mask applied to ``weight.grad`` by a
+post-accumulate-grad hook from the bits (only the clamped elements are touched; applying it again after
+another micro-batch changes nothing). Same bits as fake quant in every forward. ``QAT_STEP_CACHE_PACK=0``
+leaves them to recompute fake quant. Other large layers recompute as before.
 
 Who calls it: ``QATCallback`` on one GPU by default (a weight the forward does not use gets no gradient from
 DDP's reducer, so never under DDP/FSDP); it flushes after every backward, before clipping and before fp16's
@@ -106,9 +117,12 @@ def _rule_in_kernel(m) -> bool:
 class StepCache:
     def __init__(self, model: nn.Module):
         users: dict[int, int] = {}
+        holders: dict[int, int] = {}  # modules holding each parameter, fake-quant or not (a tied head's embedding)
         for m in model.modules():
             if is_fake_quant(m):
                 users[id(m.weight)] = users.get(id(m.weight), 0) + 1
+            for p in m.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
         switch = os.environ.get("QAT_RECOMPUTE", "")
         pack = os.environ.get("QAT_STEP_CACHE_PACK", "") != "0"
         self.modules: list[FakeQuantLinear] = []
@@ -120,7 +134,8 @@ class StepCache:
             if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)):
                 continue
             if q.recompute_rule(m.weight, switch):  # large: no w_hat for the whole step; 4-bit codes may do
-                if pack and tfq.packable(q.fmt) and q.observer in ("dynamic", "mse"):
+                # the mask hook sees the weight's whole gradient: not for a weight another module adds to
+                if pack and tfq.packable(q.fmt) and q.observer in ("dynamic", "mse") and holders[id(m.weight)] == 1:
                     self.packed.append(m)
                 continue
             self.modules.append(m)
@@ -188,6 +203,7 @@ class StepCache:
 
     def _refresh_packed(self, live: list) -> None:
         """Every live packed layer's codes, stored parameters and clip bits, one launch per group."""
+        used = set()
         for group, fused in self._groups(live):
             fmt, w0 = group[0].weight_fake_quant.fmt, group[0].weight
             if not fused:  # no Triton here, or a weight the kernel does not take: fake quant as usual
@@ -203,6 +219,7 @@ class StepCache:
             wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, _, _, aligned = cached_tables(
                 self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
             key = (fmt.name, w0.dtype, w0.device, in_kernel)
+            used.add(key)
             buf = self._bufs.get(key)
             if buf is None or buf.total != total:
                 buf = self._bufs[key] = _PackBuf(fmt, total, w0.device, zeros[0] is not None)
@@ -220,6 +237,8 @@ class StepCache:
                 start += n
                 if id(m) not in self._hooks:
                     self._hooks[id(m)] = m.weight.register_post_accumulate_grad_hook(self._mask_hook(m))
+        for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
+            del self._bufs[key]
 
     def _mask_hook(self, m):
         """The STE's clip mask on ``m.weight.grad`` after each accumulation (so per micro-batch; applying it

@@ -542,6 +542,12 @@ def test_packed_coverage_and_fallbacks(monkeypatch):
     # 8- and 5-bit codes are not packed; large, they recompute (no w_hat cache either)
     assert len(names) == 5 and not any("down_proj" in n or "up_proj" in n for n in names), names
     assert cache.modules == []
+    # a quantized head tied to a plain embedding: its weight's gradient is the sum of both, which the mask
+    # hook would mask whole; it recomputes instead
+    tied = tiny_llama(vocab=256, hidden=64, inter=128, layers=1, tie=True)
+    qat.prepare(tied, "q4_0", rules={"lm_head": "q4_0"})
+    assert isinstance(tied.lm_head, FakeQuantLinear) and tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert tied.lm_head not in StepCache(tied).packed and len(StepCache(tied).packed) == 7
     monkeypatch.setenv("QAT_STEP_CACHE_PACK", "0")
     assert StepCache(m).packed == []
     monkeypatch.delenv("QAT_STEP_CACHE_PACK")
@@ -560,3 +566,36 @@ def test_packed_missed_refresh_falls_back_interpreted():
             "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
             "print('missed refresh ok')")
     run_interpreted(code, "missed refresh ok")
+
+
+def _packed_fit_checks() -> None:
+    """``QATCallback(step_cache=True)`` with every layer taken as large (``QAT_RECOMPUTE=1``): packed, with
+    clipping, accumulation, validation during fit, a switch-on and a freeze; the final state and validation
+    loss are bitwise the uncached run's, the hooks masked the gradients, and the caches and hooks are gone."""
+    import os
+
+    from qat.kernels import triton_fq as tfq
+
+    os.environ["QAT_RECOMPUTE"] = "1"
+    calls = []
+    orig = tfq.clip_zero
+    tfq.clip_zero = lambda *a: (calls.append(1), orig(*a))[1]
+    a, _, ta = _fit(False)
+    assert not calls
+    b, cb, tb = _fit(True)
+    # 6 of 8 micro-batches with fake quant on (from step 1), 14 layers each
+    assert len(calls) == 6 * 14, len(calls)
+    sa, sb = a.state_dict(), b.state_dict()
+    bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not bad, bad[:5]
+    assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])
+    mods = [m for m in b.modules() if isinstance(m, FakeQuantLinear)]
+    assert cb._cache is None and all(m._w_packed is None for m in mods)
+    assert not any(m.weight._post_accumulate_grad_hooks for m in mods)
+    print("packed fit checks passed")
+
+
+def test_packed_lightning_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _packed_fit_checks; _packed_fit_checks()", "packed fit checks passed")

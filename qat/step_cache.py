@@ -148,16 +148,16 @@ class StepCache:
         self.moved = 0  # gradients ``flush`` moved to weights, in total
 
     # -- which layers use their cache this step ---------------------------------------------------------
-    def _live(self, mods: Optional[list] = None) -> list[FakeQuantLinear]:
+    @staticmethod
+    def _live(mods: list, attr: str) -> list[FakeQuantLinear]:
+        """The layers of ``mods`` that train with fake quant on; the others' cache (``attr``) is dropped."""
         live = []
-        for m in self.modules if mods is None else mods:
+        for m in mods:
             q = m.weight_fake_quant
             if q.enabled and m.weight.requires_grad:
                 live.append(m)
-            elif mods is None:
-                m._w_cache = None
             else:
-                m._w_packed = None
+                setattr(m, attr, None)
         return live
 
     def _state(self) -> list:
@@ -174,7 +174,7 @@ class StepCache:
     def refresh(self) -> None:
         """Every live layer's ``w_hat`` into its cache (and, as a forward would, the observer's parameters
         into its buffers)."""
-        live = self._live()
+        live = self._live(self.modules, "_w_cache")
         for m in live:
             c = m._w_cache
             if c is None or c.shape != m.weight.shape or c.dtype != m.weight.dtype or c.device != m.weight.device:
@@ -197,7 +197,7 @@ class StepCache:
                     m._w_cache.copy_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[0])
         for m in live:
             m._w_cache_version = m.weight._version
-        self._refresh_packed(self._live(self.packed))
+        self._refresh_packed(self._live(self.packed, "_w_packed"))
         self._versions = self._state()
         self.refreshes += 1
 

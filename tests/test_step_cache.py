@@ -445,8 +445,7 @@ def _packed_checks(device: str, compile=False) -> None:
     for the step, unpack ``w_hat`` in the forward and again in the backward, and their weights' gradient
     hooks apply the STE's mask. Bitwise the uncached eager run, eager or through dynamo and AOTAutograd
     (``compile="aot_eager"``); with inductor, the uncached compiled run's numbers; compiled, with no graph
-    break and no recompile. Q8_0 (8-bit codes) is
-    not packed: those layers keep the recompute path."""
+    break and no recompile. Q8_0 (8-bit codes) is not packed: those layers keep the recompute path."""
     import os
 
     import torch._dynamo
@@ -461,7 +460,6 @@ def _packed_checks(device: str, compile=False) -> None:
                 continue  # the traced bf16 graphs differ from eager outside fake quant (the q8_0 case, unpacked)
             if compile == "inductor" and name not in INDUCTOR_CASES:
                 continue  # two inductor compiles per case: the cases the eager run does not cover already
-            kw = dict(kw)
             print("packed:", name, flush=True)
             # aot_eager runs the traced graphs as they are: against eager; inductor: against the uncached compiled run
             a = _train(False, device=device, compile=compile if compile == "inductor" else False, **kw)

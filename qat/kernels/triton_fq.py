@@ -244,8 +244,6 @@ if HAS_TRITON:
         _fq_rows(W, O, O, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
                  SCALE_F16, MODE)
 
-
-
     # -- the packed step cache (qat/step_cache.py): 4-bit codes once per optimizer step, w_hat from them ------
     @triton.jit
     def _pack_table_kernel(W0, WP, SP, ZP, OFF, NB, PL, PR, C, PS, PZ, WD, qmin: tl.constexpr,
@@ -488,13 +486,10 @@ if HAS_TRITON:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
         return unpack(codes, ps, pz, b_off, w.numel() // fmt.block, fmt, out, (lambda k: k) if _opaque else wrap_triton)
 
-    def _unpack_setup(ctx, inputs, output):
-        pass
-
     def _unpack_backward(ctx, grad):
         return grad, None, None, None, None, None
 
-    _unpack_op.register_autograd(_unpack_backward, setup_context=_unpack_setup)
+    _unpack_op.register_autograd(_unpack_backward)
 
     if _opaque:
         @_unpack_op.register_fake

@@ -77,12 +77,13 @@ def main():
     fmt = layer.weight_fake_quant.fmt
     params = n // fmt.block * (pk.buf.ps.element_size() + (0 if pk.buf.pz is None else pk.buf.pz.element_size()))
     g2 = grad.clone()
+    clip_tables: dict = {}
 
     rows = []
     for name, fn, nbytes in [
         ("packed refresh (w -> codes, params, clip bits)", packed.refresh, n * es + n // 2 + params + n // 8),
         ("packed unpack (codes, params -> w_hat)", lambda: pk.w_hat(w), n // 2 + params + n * es),
-        ("packed clip mask (bits -> grad)", lambda: tfq.clip_zero(g2, pk.buf.words, 0, n // 32), n // 8),
+        ("packed clip mask (bits -> grad)", lambda: tfq.clip_zero([g2], pk.buf.words, [0], clip_tables), n // 8),
         ("copy (w.clone)", lambda: w.clone(), 2 * n * es),
         ("fake quant forward (w -> w_hat, mask)", lambda: tfq._fq_dynamic_op(w, args.fmt), n * (2 * es + 1)),
         ("STE grad * mask", lambda: grad * mask, n * (2 * es + 1)),

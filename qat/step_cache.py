@@ -28,8 +28,8 @@ one launch after the optimizer step writes their codes two per byte, the stored 
 block and one bit per weight saying where the code was clamped (~0.7 bytes per weight for Q4_0); every
 forward unpacks ``w_hat`` from them, and the backward again (the recompute path's autograd node in eager mode;
 ``qat::unpack_w`` in a checkpoint region under compile), at ~2.5 bytes per weight against the fake quant
-kernel's 5. Their STE is split: the identity in the graph, and the clip mask applied to ``weight.grad`` by a
-post-accumulate-grad hook from the bits (only the clamped elements are touched; applying it again after
+kernel's 5. Their STE is split: the identity in the graph, and the clip mask applied to ``weight.grad`` from the
+bits by ``flush``, one launch for all of them (only the clamped elements are touched; applying it again after
 another micro-batch changes nothing). Same bits as fake quant in every forward. ``QAT_STEP_CACHE_PACK=0``
 leaves them to recompute fake quant. Other large layers recompute as before.
 
@@ -52,7 +52,6 @@ is not traced: there ``refresh`` must follow every change of the weights (the ca
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -83,7 +82,7 @@ class _Packed:
     """One layer's place in its group's ``_PackBuf`` (blocks ``b_off`` .. ``b_off + n_blocks``), and the weight
     version the codes were computed from. The eager forward takes it as the recompute path's quantizer
     (``fake_quant_detached``/``redo``: w_hat unpacked in the forward and again in the backward, the identity
-    STE there; the mask comes from the weight's gradient hook, ``StepCache._mask_hook``)."""
+    STE there; ``StepCache.flush`` applies the mask to the weight's gradient)."""
 
     def __init__(self, buf: _PackBuf, b_off: int, n_blocks: int, fmt):
         self.buf, self.b_off, self.n_blocks, self.fmt = buf, b_off, n_blocks, fmt
@@ -134,15 +133,16 @@ class StepCache:
             if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)):
                 continue
             if q.recompute_rule(m.weight, switch):  # large: no w_hat for the whole step; 4-bit codes may do
-                # the mask hook sees the weight's whole gradient: not for a weight another module adds to
+                # flush masks the weight's whole gradient: not for a weight another module adds to
                 if pack and tfq.packable(q.fmt) and q.observer in ("dynamic", "mse") and holders[id(m.weight)] == 1:
                     self.packed.append(m)
                 continue
             self.modules.append(m)
         self._tables: dict = {}
         self._bufs: dict = {}  # the packed layers' flat buffers, per group
-        self._hooks: dict = {}  # id(module) -> its weight's post-accumulate-grad hook (the packed STE mask)
-        self.masked = 0  # gradients the packed layers' hooks masked, in total
+        self._clip_tables: dict = {}  # the packed layers' clip mask launch tables (``tfq.clip_zero``)
+        self._masked_at: dict = {}  # id(module) -> (codes' version, gradient's address and version) when masked
+        self.masked = 0  # packed layers' gradients ``flush`` masked, in total
         self._versions: Optional[list] = None
         self.refreshes = 0  # how many times ``refresh`` ran
         self.moved = 0  # gradients ``flush`` moved to weights, in total
@@ -217,17 +217,20 @@ class StepCache:
             weights = [m.weight for m in group]
             zeros = [m.weight_fake_quant.zero for m in group]
             wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, _, _, aligned = cached_tables(
-                self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
+                self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt,
+                rows=max(1, 1024 // fmt.block))
             key = (fmt.name, w0.dtype, w0.device, in_kernel)
             used.add(key)
             buf = self._bufs.get(key)
             if buf is None or buf.total != total:
                 buf = self._bufs[key] = _PackBuf(fmt, total, w0.device, zeros[0] is not None)
+            # 1024 elements and one warp a program: 23.9 -> 21.5 us against 4096 and 4 warps (one 8192 x 2048
+            # bf16 weight, H100; the multi-layer kernels' other launches keep 4096)
             tfq._pack_table_kernel[(pl.numel(),)](
                 w0, wp, sp, zp, off, nb, pl, pr, buf.codes, buf.ps, buf.ps if buf.pz is None else buf.pz, buf.words,
                 float(fmt.qmin), float(fmt.qmax), float(getattr(fmt, "offset", 0)), BLOCK=block, ROWS=rows,
                 KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16,
-                ALIGNED=aligned, DYNAMIC=in_kernel, num_warps=4, **tfq.launch_opts())
+                ALIGNED=aligned, DYNAMIC=in_kernel, num_warps=1, **tfq.launch_opts())
             start = 0
             for m, n in zip(group, sizes):
                 pk = m._w_packed
@@ -235,31 +238,8 @@ class StepCache:
                     pk = m._w_packed = _Packed(buf, start // block, n // block, fmt)
                 pk.version = m.weight._version
                 start += n
-                if id(m) not in self._hooks:
-                    self._hooks[id(m)] = m.weight.register_post_accumulate_grad_hook(self._mask_hook(m))
         for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
             del self._bufs[key]
-
-    def _mask_hook(self, m):
-        """The STE's clip mask on ``m.weight.grad`` after each accumulation (so per micro-batch; applying it
-        again changes nothing), where the forward used the packed cache: its weight is the one the codes
-        came from (as the eager forward checks; compiled, the forward always uses the cache)."""
-        cache = weakref.ref(self)  # the weight keeps its hook: not the cache too
-
-        def hook(p: Tensor) -> None:
-            pk = m._w_packed
-            if pk is None or p.grad is None or p._version != pk.version:
-                return
-            g = p.grad
-            flat = g if g.is_contiguous() else g.contiguous()
-            with torch.no_grad():
-                tfq.clip_zero(flat, pk.buf.words, pk.b_off * pk.fmt.block // 32, pk.n_blocks * pk.fmt.block // 32)
-                if flat is not g:
-                    g.copy_(flat)
-            c = cache()
-            if c is not None:
-                c.masked += 1
-        return hook
 
     def refresh_if_stale(self) -> None:
         if self.stale():
@@ -268,7 +248,9 @@ class StepCache:
     # -- before the optimizer reads .grad ------------------------------------------------------------------
     @torch.no_grad()
     def flush(self) -> None:
-        """``weight.grad (+)= mask * grad(w_hat)`` for every layer whose cache took a gradient."""
+        """``weight.grad (+)= mask * grad(w_hat)`` for every layer whose cache took a gradient; and the packed
+        layers' ``weight.grad *= mask`` (their graph's STE is the identity), one launch per group. Masking the
+        same sum again (a later micro-batch, a second flush) changes nothing: the mask is 0 or 1."""
         took = [m for m in self.modules if m._w_cache is not None and m._w_cache.grad is not None]
         for group, fused in self._groups(took):
             grads = [m._w_cache.grad.contiguous() for m in group]
@@ -287,6 +269,26 @@ class StepCache:
                 else:
                     m.weight.grad += g
             self.moved += len(group)
+        by_buf: dict = {}
+        for m in self.packed:
+            pk, g = m._w_packed, m.weight.grad
+            # where the forward used the codes: the weight they came from (as the eager forward checks; compiled,
+            # the forward always uses them); and not a gradient masked already (the callback flushes again
+            # before the optimizer step): the kernel's writes leave its version as they found it
+            if (pk is not None and g is not None and m.weight._version == pk.version
+                    and self._masked_at.get(id(m)) != (pk.version, g.data_ptr(), g._version)):
+                by_buf.setdefault(id(pk.buf), []).append(m)
+        for group in by_buf.values():
+            buf = group[0]._w_packed.buf
+            grads = [m.weight.grad for m in group]
+            flat = [g if g.is_contiguous() else g.contiguous() for g in grads]
+            tfq.clip_zero(flat, buf.words, [m._w_packed.b_off * m._w_packed.fmt.block // 32 for m in group],
+                          self._clip_tables)
+            for m, g, f in zip(group, grads, flat):
+                if f is not g:
+                    g.copy_(f)
+                self._masked_at[id(m)] = (m._w_packed.version, g.data_ptr(), g._version)
+            self.masked += len(group)
 
     def close(self) -> None:
         """Back to fake quant in every forward (frees the caches)."""
@@ -294,9 +296,7 @@ class StepCache:
             m._w_cache = None
         for m in self.packed:
             m._w_packed = None
-        for h in self._hooks.values():
-            h.remove()
-        self._hooks, self._bufs = {}, {}
+        self._bufs, self._clip_tables, self._masked_at = {}, {}, {}
         self._versions = None
 
     # -- launches --------------------------------------------------------------------------------------------

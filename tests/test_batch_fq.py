@@ -104,7 +104,7 @@ def _run_checks(device: str) -> None:
 
     built = []
     orig = batch._tables_for
-    batch._tables_for = lambda ws, ss, zs, fmt: built.append(fmt.name) or orig(ws, ss, zs, fmt)
+    batch._tables_for = lambda ws, ss, zs, fmt, *rows: built.append(fmt.name) or orig(ws, ss, zs, fmt, *rows)
     os.environ["QAT_RECOMPUTE"] = "1"
     try:
         tied = {"embed_tokens": "q4_1", "lm_head": "q4_1"}

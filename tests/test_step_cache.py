@@ -442,8 +442,8 @@ INDUCTOR_CASES = ("q4_0 autocast bf16", "q4_1 bf16 weights")
 
 def _packed_checks(device: str, compile=False) -> None:
     """Every layer taken as large (``QAT_RECOMPUTE=1``): the 4-bit ones keep codes, parameters and clip bits
-    for the step, unpack ``w_hat`` in the forward and again in the backward, and their weights' gradient
-    hooks apply the STE's mask. Bitwise the uncached eager run, eager or through dynamo and AOTAutograd
+    for the step, unpack ``w_hat`` in the forward and again in the backward, and ``flush`` applies the STE's
+    mask to their weights' gradients. Bitwise the uncached eager run, eager or through dynamo and AOTAutograd
     (``compile="aot_eager"``); with inductor, the uncached compiled run's numbers; compiled, with no graph
     break and no recompile. Q8_0 (8-bit codes) is not packed: those layers keep the recompute path."""
     import os
@@ -473,10 +473,10 @@ def _packed_checks(device: str, compile=False) -> None:
             else:
                 assert len(cache.packed) == n_lin, (name, len(cache.packed))
                 on = kw.get("steps", 3) - kw.get("start_step", 0)
-                assert cache.masked == n_lin * on * kw.get("accum", 1), (name, cache.masked)
+                assert cache.masked == n_lin * on, (name, cache.masked)  # one flush per step
                 clipped = sum(int(torch.tensor([bin(w & 0xFFFFFFFF).count("1") for w in buf.words.tolist()]).sum())
                               for buf in cache._bufs.values())
-                # the mask is not all ones: the hooks have something to do (Q4_1's min/max range clips nothing)
+                # the mask is not all ones: flush has something to do (Q4_1's min/max range clips nothing)
                 assert clipped > 0 or kw["scheme"] == "q4_1", name
             if compile:
                 assert sum(counters["graph_break"].values()) == 0, (name, dict(counters["graph_break"]))
@@ -492,7 +492,7 @@ def _packed_checks(device: str, compile=False) -> None:
                 torch.testing.assert_close(torch.stack(a["losses"]), torch.stack(b["losses"]), rtol=1e-3, atol=0)
             else:
                 assert_same_run(a, b, name)
-        # without the hooks' mask the gradients are the identity STE's: the run differs
+        # without flush's mask the gradients are the identity STE's: the run differs
         orig = tfq.clip_zero
         tfq.clip_zero = lambda *args: None
         try:
@@ -531,7 +531,7 @@ def test_packed_cache_compiled_cuda():
 def test_packed_coverage_and_fallbacks(monkeypatch):
     """Which large layers are packed (4-bit affine formats, ``dynamic``/``mse``, an unshared weight), the
     switch, and where packing cannot run (no Triton, e.g. this CPU without the interpreter): the layers
-    keep the recompute path and nothing is packed or hooked."""
+    keep the recompute path and nothing is packed."""
     monkeypatch.setenv("QAT_RECOMPUTE", "1")
     m = tiny_llama(vocab=256, hidden=64, inter=128, layers=1)
     qat.prepare(m, "q4_0", rules={"*mlp.down_proj": "q8_0", "*mlp.up_proj": "q5_0"})
@@ -540,8 +540,8 @@ def test_packed_coverage_and_fallbacks(monkeypatch):
     # 8- and 5-bit codes are not packed; large, they recompute (no w_hat cache either)
     assert len(names) == 5 and not any("down_proj" in n or "up_proj" in n for n in names), names
     assert cache.modules == []
-    # a quantized head tied to a plain embedding: its weight's gradient is the sum of both, which the mask
-    # hook would mask whole; it recomputes instead
+    # a quantized head tied to a plain embedding: its weight's gradient is the sum of both, which flush would
+    # mask whole; it recomputes instead
     tied = tiny_llama(vocab=256, hidden=64, inter=128, layers=1, tie=True)
     qat.prepare(tied, "q4_0", rules={"lm_head": "q4_0"})
     assert isinstance(tied.lm_head, FakeQuantLinear) and tied.lm_head.weight is tied.model.embed_tokens.weight
@@ -551,7 +551,7 @@ def test_packed_coverage_and_fallbacks(monkeypatch):
     monkeypatch.delenv("QAT_STEP_CACHE_PACK")
     monkeypatch.setenv("QAT_DISABLE_TRITON", "1")
     cache.refresh()
-    assert all(mod._w_packed is None for mod in cache.packed) and not cache._hooks
+    assert all(mod._w_packed is None for mod in cache.packed) and not cache._bufs
     cache.close()
 
 
@@ -569,7 +569,8 @@ def test_packed_missed_refresh_falls_back_interpreted():
 def _packed_fit_checks() -> None:
     """``QATCallback(step_cache=True)`` with every layer taken as large (``QAT_RECOMPUTE=1``): packed, with
     clipping, accumulation, validation during fit, a switch-on and a freeze; the final state and validation
-    loss are bitwise the uncached run's, the hooks masked the gradients, and the caches and hooks are gone."""
+    loss are bitwise the uncached run's, flush masked the gradients (one launch per micro-batch), and the
+    caches are gone."""
     import os
 
     from qat.kernels import triton_fq as tfq
@@ -577,19 +578,18 @@ def _packed_fit_checks() -> None:
     os.environ["QAT_RECOMPUTE"] = "1"
     calls = []
     orig = tfq.clip_zero
-    tfq.clip_zero = lambda *a: (calls.append(1), orig(*a))[1]
+    tfq.clip_zero = lambda *a: (calls.append(len(a[0])), orig(*a))[1]
     a, _, ta = _fit(False)
     assert not calls
     b, cb, tb = _fit(True)
-    # 6 of 8 micro-batches with fake quant on (from step 1), 14 layers each
-    assert len(calls) == 6 * 14, len(calls)
+    # 6 of 8 micro-batches with fake quant on (from step 1): one launch each, for the 14 layers
+    assert calls == [14] * 6, calls
     sa, sb = a.state_dict(), b.state_dict()
     bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
     assert not bad, bad[:5]
     assert torch.equal(ta.callback_metrics["val_loss"], tb.callback_metrics["val_loss"])
     mods = [m for m in b.modules() if isinstance(m, FakeQuantLinear)]
     assert cb._cache is None and all(m._w_packed is None for m in mods)
-    assert not any(m.weight._post_accumulate_grad_hooks for m in mods)
     print("packed fit checks passed")
 
 
@@ -597,3 +597,74 @@ def test_packed_lightning_interpreted():
     from conftest import run_interpreted
 
     run_interpreted("from test_step_cache import _packed_fit_checks; _packed_fit_checks()", "packed fit checks passed")
+
+
+def _sign_max_checks(device: str) -> None:
+    """Q4_0/Q5_0's scale is the block's signed value of largest magnitude, the first on a tie. The kernels take
+    it from the block's max and min and run the first-index rule only in programs holding a block where
+    those tie (equal magnitudes, an all-zero block): blocks with a +-tie either way round, all -0, +0 and -0
+    mixed, next to plain ones, in programs with and without a tie. The fake quant kernel and the packed
+    refresh give the reference rule's bits (scale, w_hat, mask; codes and clip bits)."""
+    import os
+
+    from qat.formats import get_format
+    from qat.formats.base import to_blocks
+    from qat.kernels import triton_fq as tfq
+
+    g = torch.Generator().manual_seed(5)
+    for name in ("q4_0", "q5_0"):
+        fmt = get_format(name)
+        # bf16 on CUDA only: Triton's CPU interpreter rounds fp32 -> bf16 toward zero (w_hat off by an ulp)
+        for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+            w = torch.randn(256, 64, generator=g) * 0.02
+            w[0, 3], w[0, 9] = -0.5, 0.5  # the negative first
+            w[1, 2], w[1, 7] = 0.5, -0.5  # the positive first
+            w[2, :32] = -0.0
+            w[3, :32] = 0.0
+            w[3, 0] = -0.0
+            w[4, 32 + 31], w[4, 32] = 0.25, -0.25  # the tie's second element last in its block
+            w[200, 5], w[200, 6] = -1.0, 1.0  # a tie in another program, the rest tie-free
+            w = w.to(dtype).to(device)
+            blocks = to_blocks(w, fmt.block)
+            scale, zero = fmt.choose_params(blocks)
+            raw = fmt.raw_codes(blocks, scale, zero)
+            codes = fmt.clamp_codes(raw)
+            ref = fmt.decode(codes, scale, zero).reshape(w.shape).to(dtype)
+            s_buf = torch.full_like(scale, float("nan"))
+            out, mask = tfq.fused_fake_quant(w, fmt, s_buf, None, dynamic=True)
+            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(s_buf.view(torch.int32), scale.view(torch.int32)), (name, dtype)
+            assert torch.equal(out.view(bits), ref.view(bits)), (name, dtype)
+            assert torch.equal(mask, (raw == codes).reshape(w.shape)), (name, dtype)
+            if name == "q4_0":  # 4-bit: the packed refresh too
+                m = torch.nn.Sequential(torch.nn.Linear(64, 256, bias=False)).to(device, dtype)
+                with torch.no_grad():
+                    m[0].weight.copy_(w)
+                os.environ["QAT_RECOMPUTE"] = "1"
+                try:
+                    qat.prepare(m, "q4_0", rules={"*": "q4_0"})
+                    cache = StepCache(m)
+                    cache.refresh()
+                finally:
+                    del os.environ["QAT_RECOMPUTE"]
+                pk = m[0]._w_packed
+                got = pk.w_hat(m[0].weight.detach())
+                assert torch.equal(got.view(bits), ref.view(bits)), (name, dtype)
+                unpacked = torch.stack([pk.buf.codes & 15, pk.buf.codes >> 4], 1).reshape(w.shape)
+                assert torch.equal(unpacked.long(), codes.reshape(w.shape).long()), (name, dtype)
+                clip = (raw != codes).reshape(-1, 32).long() << torch.arange(32, device=device)
+                words = clip.sum(1)
+                words = torch.where(words >= 2**31, words - 2**32, words).int()
+                assert torch.equal(pk.buf.words, words), (name, dtype)
+    print("sign max checks passed")
+
+
+def test_sign_max_ties_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _sign_max_checks; _sign_max_checks('cpu')", "sign max checks passed")
+
+
+@pytest.mark.gpu
+def test_sign_max_ties_cuda():
+    _sign_max_checks("cuda")

@@ -278,29 +278,30 @@ def _multi_launch(weights, scales, zeros, fmt, cache: dict) -> tuple[Tensor, Ten
     return out, mask, tab
 
 
-def cached_tables(cache: dict, weights, scales, zeros, fmt) -> tuple:
+def cached_tables(cache: dict, weights, scales, zeros, fmt, rows: Optional[int] = None) -> tuple:
     """``_tables_for(...)`` from ``cache`` (at most 8 entries, the oldest dropped), built on a miss."""
     # keyed by the members themselves: one format can have two groups in one step (the grad one, and the
     # detached one of layers that recompute in their backward, e.g. a tied lm_head), and a table keyed by
     # format alone was rebuilt twice per step (measured on an H200, SmolLM2 q4_k_m: 16 ms of host time)
     data_ptr = Tensor.data_ptr  # map over the unbound method: half the host time of a generator of tuples
     key = (fmt.name, tuple(map(data_ptr, weights)), tuple(map(data_ptr, scales)),
-           None if zeros[0] is None else tuple(map(data_ptr, zeros)), tuple(map(Tensor.numel, weights)))
+           None if zeros[0] is None else tuple(map(data_ptr, zeros)), tuple(map(Tensor.numel, weights)), rows)
     tab = cache.get(key)
     if tab is None:
         if len(cache) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
             del cache[next(iter(cache))]
-        tab = cache[key] = _tables_for(weights, scales, zeros, fmt)
+        tab = cache[key] = _tables_for(weights, scales, zeros, fmt, rows)
     return tab
 
 
-def _tables_for(weights, scales, zeros, fmt):
+def _tables_for(weights, scales, zeros, fmt, rows: Optional[int] = None):
     """The multi-layer kernels' program tables: every weight's offset from the first (``tfq.rel_offsets``),
     every scale's and zero's address, its offset in the flat output and its block count, program -> (layer,
-    first block), and the weights' ``ALIGNED`` constant."""
+    first block; ``rows`` blocks a program, by default 4096 elements' worth), and the weights' ``ALIGNED``
+    constant."""
     dev = weights[0].device
     block = fmt.block
-    rows = max(1, 4096 // block)
+    rows = rows or max(1, 4096 // block)
     wp, aligned = tfq.rel_offsets(weights)
     sp = [s.data_ptr() for s in scales]
     zp = [(z if z is not None else s).data_ptr() for s, z in zip(scales, zeros)]

@@ -52,6 +52,7 @@ is not traced: there ``refresh`` must follow every change of the weights (the ca
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -141,7 +142,7 @@ class StepCache:
         self._tables: dict = {}
         self._bufs: dict = {}  # the packed layers' flat buffers, per group
         self._clip_tables: dict = {}  # the packed layers' clip mask launch tables (``tfq.clip_zero``)
-        self._masked_at: dict = {}  # id(module) -> (codes' version, gradient's address and version) when masked
+        self._masked_at: dict = {}  # id(module) -> (codes' version, the gradient (weakly), its version) when masked
         self.masked = 0  # packed layers' gradients ``flush`` masked, in total
         self._versions: Optional[list] = None
         self.refreshes = 0  # how many times ``refresh`` ran
@@ -274,9 +275,11 @@ class StepCache:
             pk, g = m._w_packed, m.weight.grad
             # where the forward used the codes: the weight they came from (as the eager forward checks; compiled,
             # the forward always uses them); and not a gradient masked already (the callback flushes again
-            # before the optimizer step): the kernel's writes leave its version as they found it
+            # before the optimizer step): the same tensor (not one at the same address after zero_grad, as when
+            # fp16's GradScaler skips a step) at the same version (the kernel's writes leave it as they found it)
+            done = self._masked_at.get(id(m))
             if (pk is not None and g is not None and m.weight._version == pk.version
-                    and self._masked_at.get(id(m)) != (pk.version, g.data_ptr(), g._version)):
+                    and (done is None or done[1]() is not g or done[::2] != (pk.version, g._version))):
                 by_buf.setdefault(id(pk.buf), []).append(m)
         for group in by_buf.values():
             buf = group[0]._w_packed.buf
@@ -287,7 +290,7 @@ class StepCache:
             for m, g, f in zip(group, grads, flat):
                 if f is not g:
                     g.copy_(f)
-                self._masked_at[id(m)] = (m._w_packed.version, g.data_ptr(), g._version)
+                self._masked_at[id(m)] = (m._w_packed.version, weakref.ref(g), g._version)
             self.masked += len(group)
 
     def close(self) -> None:

@@ -668,3 +668,42 @@ def test_sign_max_ties_interpreted():
 @pytest.mark.gpu
 def test_sign_max_ties_cuda():
     _sign_max_checks("cuda")
+
+
+def _regrad_checks() -> None:
+    """A packed layer's gradient is masked once per backward: a second flush leaves it alone, and a new
+    gradient after ``zero_grad`` without an optimizer step (a step fp16's GradScaler skipped) is masked again,
+    though the weights, and maybe the gradient's address, are the same."""
+    import os
+
+    from qat.kernels import triton_fq as tfq
+
+    os.environ["QAT_RECOMPUTE"] = "1"
+    torch.manual_seed(0)
+    m = tiny_qat_llama("q4_0")
+    cache = StepCache(m)
+    cache.refresh()
+    ids = torch.randint(0, 256, (2, 16))
+    launches = []
+    orig = tfq.clip_zero
+    tfq.clip_zero = lambda *a: (launches.append(len(a[0])), orig(*a))[1]
+    try:
+        grads = []
+        for _ in range(2):
+            m(input_ids=ids, labels=ids).loss.backward()
+            cache.flush()
+            cache.flush()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+            m.zero_grad(set_to_none=True)
+    finally:
+        tfq.clip_zero = orig
+    n = len(cache.packed)
+    assert n > 0 and launches == [n, n], launches
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    print("regrad checks passed")
+
+
+def test_packed_mask_once_per_gradient_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _regrad_checks; _regrad_checks()", "regrad checks passed")

@@ -328,6 +328,7 @@ if HAS_TRITON:
         g = tl.load(G + offs, mask=hit, other=0.0)
         tl.store(G + offs, g * 0.0, mask=hit)
 
+
 if HAS_TRITON:
 
     @triton.jit

@@ -158,7 +158,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
                ms_per_step=ms, tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     if cache is not None:
-        cache.close()  # its gradient hooks on the weights would keep the model alive until a later gc
+        cache.close()  # frees its buffers (the packed codes) before the next variant measures its peak
     del model, opt, step_fn, cache, step
     gc.collect()
     if device == "cuda":

@@ -1,6 +1,7 @@
 """Where the packed refresh's time goes (Q4_0, one 8192 x 2048 bf16 weight): variants of the pack kernel, each
 checked bitwise against the library's refresh first, timed at 3 launch shapes (device time, profiler). Session
-11 adopted V1's rule (in ``_fq_codes``) and 32 rows / 1 warp a program.
+11 adopted V1's rule (``triton_fq._signed_max``, which V1-V7 and fq here call) and 32 rows / 1 warp a
+program.
   V0: the library's arithmetic (3 reductions for the signed max) in a single-weight kernel
   V1: max and min (2 reductions), the index rule only in programs with a tie (or nan)
   V2: V1 + codes to integers by the 2^23 trick (no F2I)
@@ -23,7 +24,7 @@ import torch, triton, triton.language as tl
 from torch import nn
 import qat
 from qat.kernels import triton_fq as tfq
-from qat.kernels.triton_fq import _div, _mul, _add
+from qat.kernels.triton_fq import _add, _div, _mul, _signed_max
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -44,17 +45,7 @@ def pack_v(W, C, PS, WD, n_blocks, VAR: tl.constexpr, ROWS: tl.constexpr):
     elif VAR == 5:
         scale = tl.load(PS + rows, mask=rmask, other=1.0).to(tl.float32)
     else:
-        hi = tl.max(x, axis=1)
-        lo = tl.min(x, axis=1)
-        nlo = -lo
-        mx = tl.where(hi > nlo, hi, lo)
-        tie = (hi > nlo) == (nlo > hi)  # equal magnitudes (an all-zero block too), or nan
-        if tl.max(tie.to(tl.int32), axis=0) > 0:
-            ax = tl.abs(x)
-            amax = tl.max(ax, axis=1)
-            first = tl.min(tl.where(ax == amax[:, None], cols[None, :], BLOCK), axis=1)
-            mx = tl.where(tie, tl.max(tl.where(cols[None, :] == first[:, None], x, float("-inf")), axis=1), mx)
-        scale = _div(mx, -8.0)
+        scale = _div(_signed_max(x, cols, BLOCK), -8.0)
     s_st = scale.to(tl.float16).to(tl.float32)
     inv = tl.where(scale == 0.0, 0.0, _div(1.0, tl.where(scale == 0.0, 1.0, scale)))
     raw = tl.floor(_add(_mul(x, inv[:, None]), 8.5))
@@ -97,17 +88,7 @@ def fq_v(W, OUT, MASK, S, n_blocks, ROWS: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     offs = rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
     x = tl.load(W + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
-    hi = tl.max(x, axis=1)
-    lo = tl.min(x, axis=1)
-    nlo = -lo
-    mx = tl.where(hi > nlo, hi, lo)
-    tie = (hi > nlo) == (nlo > hi)
-    if tl.max(tie.to(tl.int32), axis=0) > 0:
-        ax = tl.abs(x)
-        amax = tl.max(ax, axis=1)
-        first = tl.min(tl.where(ax == amax[:, None], cols[None, :], BLOCK), axis=1)
-        mx = tl.where(tie, tl.max(tl.where(cols[None, :] == first[:, None], x, float("-inf")), axis=1), mx)
-    scale = _div(mx, -8.0)
+    scale = _div(_signed_max(x, cols, BLOCK), -8.0)
     tl.store(S + rows, scale, mask=rmask)
     s_st = scale.to(tl.float16).to(tl.float32)
     inv = tl.where(scale == 0.0, 0.0, _div(1.0, tl.where(scale == 0.0, 1.0, scale)))

@@ -277,10 +277,12 @@ class StepCache:
             # the forward always uses them); and not a gradient masked already (the callback flushes again
             # before the optimizer step): the same tensor (not one at the same address after zero_grad, as when
             # fp16's GradScaler skips a step) at the same version (the kernel's writes leave it as they found it)
+            if pk is None or g is None or m.weight._version != pk.version:
+                continue
             done = self._masked_at.get(id(m))
-            if (pk is not None and g is not None and m.weight._version == pk.version
-                    and (done is None or done[1]() is not g or done[::2] != (pk.version, g._version))):
-                by_buf.setdefault(id(pk.buf), []).append(m)
+            if done is not None and done[0] == pk.version and done[1]() is g and done[2] == g._version:
+                continue
+            by_buf.setdefault(id(pk.buf), []).append(m)
         for group in by_buf.values():
             buf = group[0]._w_packed.buf
             grads = [m.weight.grad for m in group]

@@ -31,6 +31,17 @@ def tiny_qat_llama(scheme, device="cpu", dtype=torch.float32, rules=None, observ
     return m.to(device=device, dtype=dtype).train()
 
 
+def reference_fake_quant(w, fmt):
+    """The eager reference rule on ``w``: ``(scale, zero, raw codes, clamped codes, w_hat in w's dtype)``."""
+    from qat.formats.base import to_blocks
+
+    blocks = to_blocks(w, fmt.block)
+    scale, zero = fmt.choose_params(blocks)
+    raw = fmt.raw_codes(blocks, scale, zero)
+    codes = fmt.clamp_codes(raw)
+    return scale, zero, raw, codes, fmt.decode(codes, scale, zero).reshape(w.shape).to(w.dtype)
+
+
 def assert_same_run(a: dict, b: dict, what, state=True) -> None:
     """Two training runs' records (``losses``, per-step ``grads``, eval ``logits``, final ``state``) are equal
     bitwise; ``state=False`` leaves the state out."""

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import assert_same_run, tiny_llama, tiny_qat_llama  # noqa: E402
+from conftest import assert_same_run, reference_fake_quant, tiny_llama, tiny_qat_llama  # noqa: E402
 
 import qat  # noqa: E402
 from qat import QATCallback  # noqa: E402
@@ -608,7 +608,6 @@ def _sign_max_checks(device: str) -> None:
     import os
 
     from qat.formats import get_format
-    from qat.formats.base import to_blocks
     from qat.kernels import triton_fq as tfq
 
     g = torch.Generator().manual_seed(5)
@@ -625,11 +624,7 @@ def _sign_max_checks(device: str) -> None:
             w[4, 32 + 31], w[4, 32] = 0.25, -0.25  # the tie's second element last in its block
             w[200, 5], w[200, 6] = -1.0, 1.0  # a tie in another program, the rest tie-free
             w = w.to(dtype).to(device)
-            blocks = to_blocks(w, fmt.block)
-            scale, zero = fmt.choose_params(blocks)
-            raw = fmt.raw_codes(blocks, scale, zero)
-            codes = fmt.clamp_codes(raw)
-            ref = fmt.decode(codes, scale, zero).reshape(w.shape).to(dtype)
+            scale, _, raw, codes, ref = reference_fake_quant(w, fmt)
             s_buf = torch.full_like(scale, float("nan"))
             out, mask = tfq.fused_fake_quant(w, fmt, s_buf, None, dynamic=True)
             bits = torch.int16 if dtype == torch.bfloat16 else torch.int32

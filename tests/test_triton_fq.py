@@ -7,6 +7,8 @@ import torch
 from qat.formats import get_format
 from qat.formats.base import to_blocks
 
+from conftest import reference_fake_quant
+
 pytestmark = pytest.mark.gpu
 
 NAMES = ["q4_0", "q5_0", "q8_0", "q4_1", "q5_1", "int4_g32", "int4_asym_g32", "int8_g128", "int4_g128", "int2_asym_g64"]
@@ -35,11 +37,7 @@ def test_fused_dynamic_matches_eager_bitwise(name, seed, dtype):
     fmt = get_format(name)
     assert kernel_kind(fmt) is not None
     w = weights(seed, dtype=dtype)
-    blocks = to_blocks(w, fmt.block)
-    scale, zero = fmt.choose_params(blocks)
-    raw = fmt.raw_codes(blocks, scale, zero)
-    codes = fmt.clamp_codes(raw)
-    ref = fmt.decode(codes, scale, zero).reshape(w.shape).to(dtype)
+    scale, zero, raw, codes, ref = reference_fake_quant(w, fmt)
     s_buf = torch.full_like(scale, float("nan"))
     z_buf = None if zero is None else torch.full_like(zero, float("nan"))
     out, mask = fused_fake_quant(w, fmt, s_buf, z_buf, dynamic=True)

@@ -286,12 +286,7 @@ def cached_tables(cache: dict, weights, scales, zeros, fmt, rows: Optional[int] 
     data_ptr = Tensor.data_ptr  # map over the unbound method: half the host time of a generator of tuples
     key = (fmt.name, tuple(map(data_ptr, weights)), tuple(map(data_ptr, scales)),
            None if zeros[0] is None else tuple(map(data_ptr, zeros)), tuple(map(Tensor.numel, weights)), rows)
-    tab = cache.get(key)
-    if tab is None:
-        if len(cache) >= 8:  # weights moved (e.g. .to()): drop the oldest tables
-            del cache[next(iter(cache))]
-        tab = cache[key] = _tables_for(weights, scales, zeros, fmt, rows)
-    return tab
+    return tfq.cache_get(cache, key, lambda: _tables_for(weights, scales, zeros, fmt, rows))
 
 
 def _tables_for(weights, scales, zeros, fmt, rows: Optional[int] = None):
@@ -308,12 +303,7 @@ def _tables_for(weights, scales, zeros, fmt, rows: Optional[int] = None):
     sizes = torch.tensor([w.numel() for w in weights], dtype=torch.int64)
     off = torch.cumsum(sizes, 0) - sizes
     nb = sizes // block
-    # program p -> (layer pl[p], first block pr[p]): each layer's blocks in runs of ``rows``, built with
-    # tensor ops (a Python loop over SmolLM2's ~12k programs took 8 ms per step under cProfile on an H200's host)
-    per_layer = (nb + rows - 1) // rows
-    pl = torch.repeat_interleave(torch.arange(len(weights)), per_layer)
-    first = torch.cumsum(per_layer, 0) - per_layer
-    pr = (torch.arange(pl.numel()) - first[pl]) * rows
+    pl, pr = tfq.program_runs(nb, rows)  # program p -> (layer pl[p], first block pr[p])
     start = int(sizes.sum())
     i64 = dict(dtype=torch.int64, device=dev)
     i32 = dict(dtype=torch.int32, device=dev)
@@ -399,12 +389,8 @@ if tfq.HAS_TRITON:
         fmt = get_format(fmt_name)
         outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in ws]
         key = ("grad", fmt.name, tuple((w.data_ptr(), w.numel()) for w in ws))
-        tab = _COMPILED_TABLES.get(key)
-        if tab is None:
-            if len(_COMPILED_TABLES) >= 16:
-                del _COMPILED_TABLES[next(iter(_COMPILED_TABLES))]
-            # only the offsets and program lists are used here (the weights stand in for the scales)
-            tab = _COMPILED_TABLES[key] = _tables_for(ws, ws, [None] * len(ws), fmt)
+        # only the offsets and program lists are used here (the weights stand in for the scales)
+        tab = tfq.cache_get(_COMPILED_TABLES, key, lambda: _tables_for(ws, ws, [None] * len(ws), fmt), limit=16)
         _, _, _, off, nb, pl, pr, _, rows, block, _, _, _, _ = tab
         op, aligned = tfq.rel_offsets(outs)
         tfq._mask_split_kernel[(pl.numel(),)](grad, mask if mask.numel() else grad, outs[0], op, off, nb, pl, pr,

@@ -87,6 +87,26 @@ elif HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
+    def _signed_max(x, cols, BLOCK: tl.constexpr):
+        """Each row's signed value of largest magnitude, the first on a tie (Q4_0/Q5_0's max). The row's max and
+        min decide it unless their magnitudes are equal (an all-zero row too) or one is nan; only a program
+        holding such a row runs the first-index rule, for those rows (2 reductions instead of 3: the packed
+        refresh 23.9 -> 21.5 us on an H100, 8192 x 2048 bf16; ``bench/pack_variants.py``)."""
+        hi = tl.max(x, axis=1)
+        nlo = -tl.min(x, axis=1)
+        mx = tl.where(hi > nlo, hi, -nlo)
+        tie = (hi > nlo) == (nlo > hi)
+        if tl.max(tie.to(tl.int32), axis=0) > 0:
+            ax = tl.abs(x)
+            amax = tl.max(ax, axis=1)
+            first = tl.min(tl.where(ax == amax[:, None], cols[None, :], BLOCK), axis=1)
+            # the element itself, -0 too (a sum with +0 would lose its sign: a block of -0 has d = +0); no
+            # index (a nan amax): 0, as before
+            at = tl.max(tl.where(cols[None, :] == first[:, None], x, float("-inf")), axis=1)
+            mx = tl.where(tie, tl.where(first < BLOCK, at, 0.0), mx)
+        return mx
+
+    @triton.jit
     def _fq_codes(x, SCALE, ZERO, rows, rmask, cols, qmin: tl.constexpr, qmax: tl.constexpr, offset: tl.constexpr,
                   BLOCK: tl.constexpr, KIND: tl.constexpr, DYNAMIC: tl.constexpr, HAS_ZERO: tl.constexpr,
                   SCALE_F16: tl.constexpr):
@@ -98,22 +118,7 @@ if HAS_TRITON:
         # mul_rn/add_rn: never contracted into an FMA, whatever compiler options launch us.
         if DYNAMIC:
             if KIND == 0:  # Q4_0/Q5_0: d = max / -offset, max = signed value of largest magnitude (first on ties)
-                # the block's max and min decide it unless their magnitudes are equal (an all-zero block too) or
-                # one is nan; only a program holding such a block runs the first-index rule, for those blocks
-                # (2 reductions instead of 3: the packed refresh 23.9 -> 21.5 us on an H100, 8192 x 2048 bf16)
-                hi = tl.max(x, axis=1)
-                nlo = -tl.min(x, axis=1)
-                mx = tl.where(hi > nlo, hi, -nlo)
-                tie = (hi > nlo) == (nlo > hi)
-                if tl.max(tie.to(tl.int32), axis=0) > 0:
-                    ax = tl.abs(x)
-                    amax = tl.max(ax, axis=1)
-                    first = tl.min(tl.where(ax == amax[:, None], cols[None, :], BLOCK), axis=1)
-                    # the element itself, -0 too (a sum with +0 would lose its sign: a block of -0 has d = +0);
-                    # no index (a nan amax): 0, as before
-                    at = tl.max(tl.where(cols[None, :] == first[:, None], x, float("-inf")), axis=1)
-                    mx = tl.where(tie, tl.where(first < BLOCK, at, 0.0), mx)
-                scale = _div(mx, -offset)
+                scale = _div(_signed_max(x, cols, BLOCK), -offset)
                 zero = scale * 0.0
             elif KIND == 1:  # Q8_0: d = amax / 127
                 scale = _div(tl.max(tl.abs(x), axis=1), 127.0)
@@ -437,6 +442,29 @@ def unpack(codes: Tensor, ps: Tensor, pz: Optional[Tensor], b_off: int, n_blocks
     return out
 
 
+def program_runs(counts: Tensor, per: int) -> tuple[Tensor, Tensor]:
+    """A multi-layer kernel's program table (CPU int64): program p -> (layer ``pl[p]``, first unit ``pr[p]``),
+    each layer's ``counts[layer]`` units (blocks, words) in runs of ``per``. Tensor ops: a Python loop over
+    SmolLM2's ~12k programs took 8 ms per step under cProfile on an H200's host."""
+    per_layer = (counts + per - 1) // per
+    pl = torch.repeat_interleave(torch.arange(len(counts)), per_layer)
+    pr = (torch.arange(pl.numel()) - (torch.cumsum(per_layer, 0) - per_layer)[pl]) * per
+    return pl, pr
+
+
+def cache_get(cache: Optional[dict], key, build, limit: int = 8):
+    """``cache[key]``, built by ``build()`` on a miss; at most ``limit`` entries, the oldest dropped (the members
+    moved, e.g. ``.to()``). ``cache`` None: built every time."""
+    tab = None if cache is None else cache.get(key)
+    if tab is None:
+        tab = build()
+        if cache is not None:
+            if len(cache) >= limit:
+                del cache[next(iter(cache))]
+            cache[key] = tab
+    return tab
+
+
 def clip_zero(grads: list[Tensor], words: Tensor, w_offs: list[int], tables: Optional[dict] = None) -> None:
     """``grad *= mask`` in place for every gradient of ``grads`` (contiguous, of one dtype and device), the mask
     of gradient i given by the packed cache's clip words from ``w_offs[i]`` on (``numel // 32`` of them), in
@@ -444,21 +472,15 @@ def clip_zero(grads: list[Tensor], words: Tensor, w_offs: list[int], tables: Opt
     # 64 words and 4 warps a program: the fastest of 64/128/256 words and 2-8 warps on a ~1B Llama's 80 packed
     # layers (H100: 945 us a step; 1459 us with 2 warps; one launch per layer at its best: 1101 us)
     per = 64
-    key = (tuple(w_offs), tuple(map(Tensor.numel, grads)), words.device)
-    tab = None if tables is None else tables.get(key)
-    if tab is None:
+
+    def build():
         nw = torch.tensor([g.numel() // 32 for g in grads], dtype=torch.int64)
-        per_layer = (nw + per - 1) // per
-        pl = torch.repeat_interleave(torch.arange(len(grads)), per_layer)
-        pr = (torch.arange(pl.numel()) - (torch.cumsum(per_layer, 0) - per_layer)[pl]) * per
+        pl, pr = program_runs(nw, per)
         dev = words.device
-        tab = (torch.tensor(w_offs, dtype=torch.int64, device=dev), nw.to(dev, torch.int32), pl.to(dev, torch.int32),
-               pr.to(dev, torch.int32))
-        if tables is not None:
-            if len(tables) >= 8:
-                del tables[next(iter(tables))]
-            tables[key] = tab
-    woff, nw, pl, pr = tab
+        return (torch.tensor(w_offs, dtype=torch.int64, device=dev), nw.to(dev, torch.int32),
+                pl.to(dev, torch.int32), pr.to(dev, torch.int32))
+
+    woff, nw, pl, pr = cache_get(tables, (tuple(w_offs), tuple(map(Tensor.numel, grads)), words.device), build)
     gp, aligned = rel_offsets(grads)
     _clip_table_kernel[(pl.numel(),)](grads[0], gp, words, woff, nw, pl, pr, WORDS=per, ALIGNED=aligned,
                                       num_warps=4, **launch_opts())

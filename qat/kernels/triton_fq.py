@@ -224,6 +224,19 @@ if HAS_TRITON:
         return BASE + off
 
     @triton.jit
+    def _table_layer(W0, WP, SP, ZP, PL, PR, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+        """A multi-layer kernel's program setup: ``(layer, rows, W, S, Z)``, this program's layer (PL) and its
+        ROWS blocks from the first one (PR), the layer's weight (W0 + WP[layer], see ``_table_ptr``) and its
+        observer's scale and zero buffers (the addresses in SP, ZP)."""
+        pid = tl.program_id(0)
+        layer = tl.load(PL + pid)
+        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        W = _table_ptr(W0, WP, layer, ALIGNED)
+        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
+        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
+        return layer, rows, W, S, Z
+
+    @triton.jit
     def _fq_multi_kernel(W0, WP, OUT, MASK, SP, ZP, OFF, NB, PL, PR, qmin: tl.constexpr, qmax: tl.constexpr,
                          offset: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
                          HAS_ZERO: tl.constexpr, SCALE_F16: tl.constexpr, ALIGNED: tl.constexpr):
@@ -231,12 +244,7 @@ if HAS_TRITON:
         # PR); per layer, the weight (W0 + WP[layer]), the scale/zero buffer addresses (SP, ZP), its element
         # offset in the flat OUT/MASK buffers (OFF) and its block count (NB). Always the dynamic (reference) rule.
         # ALIGNED: see _table_ptr.
-        pid = tl.program_id(0)
-        layer = tl.load(PL + pid)
-        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        W = _table_ptr(W0, WP, layer, ALIGNED)
-        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
-        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
+        layer, rows, W, S, Z = _table_layer(W0, WP, SP, ZP, PL, PR, ROWS, ALIGNED)
         off = tl.multiple_of(tl.load(OFF + layer), 16)  # layer sizes are multiples of the block (>= 16)
         _fq_rows(W, OUT + off, MASK + off, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, True,
                  HAS_ZERO, SCALE_F16, 0)
@@ -250,13 +258,8 @@ if HAS_TRITON:
         # cache (qat/step_cache.py). MODE 1 with DYNAMIC: the reference rule's parameters into the observer
         # buffers (SP, ZP) and w_hat into the outputs; MODE 2 without: the outputs hold the gradients of
         # w_hat, masked in place by the clip mask of the stored parameters.
-        pid = tl.program_id(0)
-        layer = tl.load(PL + pid)
-        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
-        W = _table_ptr(W0, WP, layer, ALIGNED)
+        layer, rows, W, S, Z = _table_layer(W0, WP, SP, ZP, PL, PR, ROWS, ALIGNED)
         O = _table_ptr(O0, OP, layer, ALIGNED)
-        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
-        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         _fq_rows(W, O, O, S, Z, rows, tl.load(NB + layer), qmin, qmax, offset, BLOCK, KIND, DYNAMIC, HAS_ZERO,
                  SCALE_F16, MODE)
 
@@ -272,14 +275,9 @@ if HAS_TRITON:
         # into the flat outputs C: the codes minus qmin, two per byte (element 2i in the low nibble, 2i+1 in
         # the high); PS/PZ: the stored scale and zero term per block (what ``_w_hat`` takes); WD: the clip
         # bits, bit j of int32 word i set where element 32i+j was clamped (where the STE's mask is 0).
-        pid = tl.program_id(0)
-        layer = tl.load(PL + pid)
-        rows = tl.load(PR + pid) + tl.arange(0, ROWS)
+        layer, rows, W, S, Z = _table_layer(W0, WP, SP, ZP, PL, PR, ROWS, ALIGNED)
         rmask = rows < tl.load(NB + layer)
         cols = tl.arange(0, BLOCK)
-        W = _table_ptr(W0, WP, layer, ALIGNED)
-        S = tl.load(SP + layer).to(tl.pointer_type(tl.float32))
-        Z = tl.load(ZP + layer).to(tl.pointer_type(tl.float32))
         x = tl.load(W + rows[:, None].to(tl.int64) * BLOCK + cols[None, :], mask=rmask[:, None], other=0.0)
         s_st, zt, raw, codes = _fq_codes(x.to(tl.float32), S, Z, rows, rmask, cols, qmin, qmax, offset, BLOCK,
                                          KIND, DYNAMIC, HAS_ZERO, SCALE_F16)

@@ -18,7 +18,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .observers import WeightQuantizer
-from .prepare import freeze_observers, layer_errors, prepare, set_fake_quant_enabled
+from .prepare import freeze_observers, layer_errors, prepare, quantizers, set_fake_quant_enabled
 
 __all__ = ["QATCallback"]
 
@@ -71,6 +71,9 @@ class QATCallback(L.Callback):
         self.last_errors: list[dict] = []
         self.step_cache = step_cache
         self._cache = None
+        # the model's quantizers from on_train_start to on_train_end: the schedule is applied twice a step, and
+        # walking SmolLM2's ~600 modules for them cost ~0.3 ms of host time each time
+        self._quantizers: Optional[list] = None
 
     # -- surgery ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -99,8 +102,9 @@ class QATCallback(L.Callback):
             kwargs["find_unused_parameters"] = True
 
     def _apply_schedule(self, pl_module: L.LightningModule, step: int) -> None:
-        set_fake_quant_enabled(pl_module, step >= self.start_step)
-        freeze_observers(pl_module, self.freeze_step is not None and step >= self.freeze_step)
+        qs = self._quantizers if self._quantizers is not None else quantizers(pl_module)
+        set_fake_quant_enabled(qs, step >= self.start_step)
+        freeze_observers(qs, self.freeze_step is not None and step >= self.freeze_step)
 
     # -- step cache ---------------------------------------------------------------------------------
     def _step_cache_wanted(self, trainer, pl_module) -> bool:
@@ -128,6 +132,7 @@ class QATCallback(L.Callback):
         return on_gpu and getattr(pl_module, "automatic_optimization", True)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self._quantizers = quantizers(pl_module)
         if not self._step_cache_wanted(trainer, pl_module):
             return
         from .step_cache import StepCache
@@ -172,6 +177,7 @@ class QATCallback(L.Callback):
             self.log_layer_errors(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._quantizers = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None

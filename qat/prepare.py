@@ -107,9 +107,17 @@ def fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, m
 
 
-def set_fake_quant_enabled(model: nn.Module, enabled: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, (WeightQuantizer, ActQuantizer)):
+def quantizers(model) -> list:
+    """Every weight and activation quantizer of ``model`` (a module, or such a list already)."""
+    if isinstance(model, nn.Module):
+        return [m for m in model.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))]
+    return list(model)
+
+
+def set_fake_quant_enabled(model, enabled: bool) -> None:
+    """Turn fake quant on or off in ``model`` (a module, or a list of its ``quantizers``)."""
+    for m in quantizers(model):
+        if m.enabled != enabled:  # nn.Module.__setattr__ costs ~1 us: the callback calls this twice a step
             m.enabled = enabled
 
 
@@ -147,10 +155,10 @@ def calibrate(model: nn.Module, batches, max_batches: int = 8) -> int:
     return n
 
 
-def freeze_observers(model: nn.Module, frozen: bool = True) -> None:
-    for m in model.modules():
-        if isinstance(m, (WeightQuantizer, ActQuantizer)):
-            m.freeze(frozen)
+def freeze_observers(model, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) every observer of ``model`` (a module, or a list of its ``quantizers``)."""
+    for m in quantizers(model):
+        m.freeze(frozen)
 
 
 @contextmanager

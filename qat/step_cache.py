@@ -108,9 +108,20 @@ def _identity(g: Tensor) -> tuple:
     return (g,)
 
 
+def _w(m) -> Tensor:
+    """``m.weight``, read from the module's dict: ``nn.Module.__getattr__`` costs ~0.4 us a call, and the step
+    cache's per-step loops read thousands of these (SmolLM2: 210 layers)."""
+    return m._parameters["weight"]
+
+
+def _q(m):
+    """``m.weight_fake_quant`` (as ``_w``)."""
+    return m._modules["weight_fake_quant"]
+
+
 def _rule_in_kernel(m) -> bool:
     """Whether the refresh kernel computes the layer's parameters (the ``dynamic`` rule, not frozen)."""
-    q = m.weight_fake_quant
+    q = _q(m)
     return q.observer == "dynamic" and not q._frozen
 
 
@@ -131,6 +142,8 @@ class StepCache:
             q = getattr(m, "weight_fake_quant", None)
             if not isinstance(m, FakeQuantLinear) or q is None or q.observer == "learned" or users[id(m.weight)] > 1:
                 continue
+            if m._parameters.get("weight") is not m.weight or m._modules.get("weight_fake_quant") is not q:
+                continue  # e.g. a parametrized weight: ``_w``/``_q`` read the module's dicts
             if not (isinstance(q.fmt, AffineFormat) or _is_kquant(q.fmt)):
                 continue
             if q.recompute_rule(m.weight, switch):  # large: no w_hat for the whole step; 4-bit codes may do
@@ -145,6 +158,11 @@ class StepCache:
         self._masked_at: dict = {}  # id(module) -> (codes' version, the gradient (weakly), its version) when masked
         self.masked = 0  # packed layers' gradients ``flush`` masked, in total
         self._versions: Optional[list] = None
+        # the layout the plan was made for (every covered weight's address, dtype, grad flag, quantizer switches)
+        # and the plan: the live layers and their launch groups (refresh), and flush's groups by member set
+        self._layout: Optional[list] = None
+        self._plan: Optional[tuple] = None
+        self._flush_groups: dict = {}
         self.refreshes = 0  # how many times ``refresh`` ran
         self.moved = 0  # gradients ``flush`` moved to weights, in total
 
@@ -154,16 +172,18 @@ class StepCache:
         """The layers of ``mods`` that train with fake quant on; the others' cache (``attr``) is dropped."""
         live = []
         for m in mods:
-            q = m.weight_fake_quant
-            if q.enabled and m.weight.requires_grad:
+            if _q(m).enabled and _w(m).requires_grad:
                 live.append(m)
             else:
                 setattr(m, attr, None)
         return live
 
     def _state(self) -> list:
-        return [(m.weight._version, m.weight.data_ptr(), m.weight_fake_quant.enabled, m.weight_fake_quant._frozen)
-                for m in self.modules + self.packed]
+        out = []
+        for m in self.modules + self.packed:
+            w, q = _w(m), _q(m)
+            out.append((w._version, w.data_ptr(), w.dtype, w.requires_grad, q.enabled, q._frozen))
+        return out
 
     def stale(self) -> bool:
         """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, since the last
@@ -175,38 +195,53 @@ class StepCache:
     def refresh(self) -> None:
         """Every live layer's ``w_hat`` into its cache (and, as a forward would, the observer's parameters
         into its buffers)."""
-        live = self._live(self.modules, "_w_cache")
-        for m in live:
-            c = m._w_cache
-            if c is None or c.shape != m.weight.shape or c.dtype != m.weight.dtype or c.device != m.weight.device:
-                m._w_cache = torch.empty_like(m.weight, memory_format=torch.contiguous_format).requires_grad_(True)
-        for group, fused in self._groups(live):
-            if _is_kquant(group[0].weight_fake_quant.fmt):
-                flat, _ = _kquant_flat(group[0].weight_fake_quant.fmt, [m.weight for m in group])
-                for m, w_hat in zip(group, flat.split([m.weight.numel() for m in group])):
-                    m._w_cache.copy_(w_hat.view(m.weight.shape))
+        state = self._state()  # refresh changes no weight: this is also the state after it
+        layout = [s[1:] for s in state]  # where the weights are and which train, not their versions
+        if layout != self._layout:
+            self._plan, self._layout, self._flush_groups = self._make_plan(), layout, {}
+        live, groups, packed_groups = self._plan
+        for group, fused in groups:
+            fmt = _q(group[0]).fmt
+            if _is_kquant(fmt):
+                weights = [_w(m) for m in group]
+                flat, _ = _kquant_flat(fmt, weights)
+                for m, w, w_hat in zip(group, weights, flat.split([w.numel() for w in weights])):
+                    m._w_cache.copy_(w_hat.view(w.shape))
             elif fused:
                 in_kernel = _rule_in_kernel(group[0])  # else: mse's search (torch), or frozen parameters
                 if not in_kernel:
                     for m in group:
-                        m.weight_fake_quant.observe(m.weight)  # nothing when frozen
+                        _q(m).observe(_w(m))  # nothing when frozen
                 self._launch(group, [m._w_cache for m in group], dynamic=in_kernel, mode=1)
             else:
                 for m in group:
-                    q = m.weight_fake_quant
-                    q.observe(m.weight)
-                    m._w_cache.copy_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[0])
+                    q, w = _q(m), _w(m)
+                    q.observe(w)
+                    m._w_cache.copy_(ste_forward(w, q.fmt, q.scale, q.zero)[0])
         for m in live:
-            m._w_cache_version = m.weight._version
-        self._refresh_packed(self._live(self.packed, "_w_packed"))
-        self._versions = self._state()
+            # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
+            m.__dict__["_w_cache_version"] = _w(m)._version
+        self._refresh_packed(packed_groups)
+        self._versions = state
         self.refreshes += 1
 
-    def _refresh_packed(self, live: list) -> None:
+    def _make_plan(self) -> tuple:
+        """``(live layers, their launch groups, the live packed layers' groups)`` for the current layout: a
+        layer that does not train now drops its cache, a live one gets a cache of its weight's shape and dtype.
+        Made again only when the layout changes (``refresh``): grouping SmolLM2's 210 layers costs ~0.5 ms of
+        host time, which a compiled step of a small model waits for."""
+        live = self._live(self.modules, "_w_cache")
+        for m in live:
+            c, w = m._w_cache, _w(m)
+            if c is None or c.shape != w.shape or c.dtype != w.dtype or c.device != w.device:
+                m._w_cache = torch.empty_like(w, memory_format=torch.contiguous_format).requires_grad_(True)
+        return live, self._groups(live), self._groups(self._live(self.packed, "_w_packed"))
+
+    def _refresh_packed(self, groups: list) -> None:
         """Every live packed layer's codes, stored parameters and clip bits, one launch per group."""
         used = set()
-        for group, fused in self._groups(live):
-            fmt, w0 = group[0].weight_fake_quant.fmt, group[0].weight
+        for group, fused in groups:
+            fmt, w0 = _q(group[0]).fmt, _w(group[0])
             if not fused:  # no Triton here, or a weight the kernel does not take: fake quant as usual
                 for m in group:
                     m._w_packed = None
@@ -214,11 +249,11 @@ class StepCache:
             in_kernel = _rule_in_kernel(group[0])
             if not in_kernel:
                 for m in group:
-                    m.weight_fake_quant.observe(m.weight)  # mse's search; nothing when frozen
-            weights = [m.weight for m in group]
-            zeros = [m.weight_fake_quant.zero for m in group]
+                    _q(m).observe(_w(m))  # mse's search; nothing when frozen
+            weights = [_w(m) for m in group]
+            zeros = [_q(m).zero for m in group]
             wp, sp, zp, off, nb, pl, pr, total, rows, block, sizes, _, _, aligned = cached_tables(
-                self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt,
+                self._tables, weights, [_q(m).scale for m in group], zeros, fmt,
                 rows=max(1, 1024 // fmt.block))
             key = (fmt.name, w0.dtype, w0.device, in_kernel)
             used.add(key)
@@ -233,11 +268,11 @@ class StepCache:
                 KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16,
                 ALIGNED=aligned, DYNAMIC=in_kernel, num_warps=1, **tfq.launch_opts())
             start = 0
-            for m, n in zip(group, sizes):
+            for m, w, n in zip(group, weights, sizes):
                 pk = m._w_packed
                 if pk is None or pk.buf is not buf or pk.b_off != start // block:
                     pk = m._w_packed = _Packed(buf, start // block, n // block, fmt)
-                pk.version = m.weight._version
+                pk.version = w._version
                 start += n
         for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
             del self._bufs[key]
@@ -253,31 +288,37 @@ class StepCache:
         layers' ``weight.grad *= mask`` (their graph's STE is the identity), one launch per group. Masking the
         same sum again (a later micro-batch, a second flush) changes nothing: the mask is 0 or 1."""
         took = [m for m in self.modules if m._w_cache is not None and m._w_cache.grad is not None]
-        for group, fused in self._groups(took):
+        key = tuple(map(id, took))
+        groups = self._flush_groups.get(key)
+        if groups is None:  # the same layers every step, as a rule: grouped once per layout (refresh clears it)
+            groups = self._flush_groups[key] = self._groups(took)
+        for group, fused in groups:
             grads = [m._w_cache.grad.contiguous() for m in group]
-            if _is_kquant(group[0].weight_fake_quant.fmt):
+            if _is_kquant(_q(group[0]).fmt):
                 pass  # the plain STE: the gradient of w_hat is the weight's
             elif fused:
                 self._launch(group, grads, dynamic=False, mode=2)
             else:
                 for m, g in zip(group, grads):
-                    q = m.weight_fake_quant
-                    g.mul_(ste_forward(m.weight, q.fmt, q.scale, q.zero)[1])
+                    q = _q(m)
+                    g.mul_(ste_forward(_w(m), q.fmt, q.scale, q.zero)[1])
             for m, g in zip(group, grads):
                 m._w_cache.grad = None
-                if m.weight.grad is None:
-                    m.weight.grad = g
+                w = _w(m)
+                if w.grad is None:
+                    w.grad = g
                 else:
-                    m.weight.grad += g
+                    w.grad += g
             self.moved += len(group)
         by_buf: dict = {}
         for m in self.packed:
-            pk, g = m._w_packed, m.weight.grad
+            w = _w(m)
+            pk, g = m._w_packed, w.grad
             # where the forward used the codes: the weight they came from (as the eager forward checks; compiled,
             # the forward always uses them); and not a gradient masked already (the callback flushes again
             # before the optimizer step): the same tensor (not one at the same address after zero_grad, as when
             # fp16's GradScaler skips a step) at the same version (the kernel's writes leave it as they found it)
-            if pk is None or g is None or m.weight._version != pk.version:
+            if pk is None or g is None or w._version != pk.version:
                 continue
             done = self._masked_at.get(id(m))
             if done is not None and done[0] == pk.version and done[1]() is g and done[2] == g._version:
@@ -285,7 +326,7 @@ class StepCache:
             by_buf.setdefault(id(pk.buf), []).append(m)
         for group in by_buf.values():
             buf = group[0]._w_packed.buf
-            grads = [m.weight.grad for m in group]
+            grads = [_w(m).grad for m in group]
             flat = [g if g.is_contiguous() else g.contiguous() for g in grads]
             tfq.clip_zero(flat, buf.words, [m._w_packed.b_off * m._w_packed.fmt.block // 32 for m in group],
                           self._clip_tables)
@@ -302,7 +343,8 @@ class StepCache:
         for m in self.packed:
             m._w_packed = None
         self._bufs, self._clip_tables, self._masked_at = {}, {}, {}
-        self._versions = None
+        self._versions = self._layout = self._plan = None
+        self._flush_groups = {}
 
     # -- launches --------------------------------------------------------------------------------------------
     @staticmethod
@@ -310,23 +352,24 @@ class StepCache:
         """``mods`` by (format, dtype), each with whether the multi-layer kernel takes it."""
         by: dict = {}
         for m in mods:
-            key = (m.weight_fake_quant.fmt.name, m.weight.dtype, m.weight.device, _rule_in_kernel(m))
+            w = _w(m)
+            key = (_q(m).fmt.name, w.dtype, w.device, _rule_in_kernel(m))
             by.setdefault(key, []).append(m)
         out = []
         for group in by.values():
-            w, fmt = group[0].weight, group[0].weight_fake_quant.fmt
-            fused = (isinstance(fmt, AffineFormat) and _fusable(group[0].weight_fake_quant, w)
+            w, fmt = _w(group[0]), _q(group[0]).fmt
+            fused = (isinstance(fmt, AffineFormat) and _fusable(_q(group[0]), w)
                      and tfq.kernel_kind(fmt) is not None
-                     and all(m.weight.is_contiguous() and m.weight.shape[-1] % fmt.block == 0 for m in group))
+                     and all(_w(m).is_contiguous() and _w(m).shape[-1] % fmt.block == 0 for m in group))
             out.append((group, fused))
         return out
 
     def _launch(self, group: list, outs: list[Tensor], dynamic: bool, mode: int) -> None:
-        fmt = group[0].weight_fake_quant.fmt
-        weights = [m.weight for m in group]
-        zeros = [m.weight_fake_quant.zero for m in group]
+        fmt = _q(group[0]).fmt
+        weights = [_w(m) for m in group]
+        zeros = [_q(m).zero for m in group]
         wp, sp, zp, _, nb, pl, pr, _, rows, block, _, _, _, w_aligned = cached_tables(
-            self._tables, weights, [m.weight_fake_quant.scale for m in group], zeros, fmt)
+            self._tables, weights, [_q(m).scale for m in group], zeros, fmt)
         op, o_aligned = tfq.rel_offsets(outs)
         tfq._fq_table_kernel[(pl.numel(),)](
             weights[0], wp, outs[0], op, sp, zp, nb, pl, pr, float(fmt.qmin), float(fmt.qmax),

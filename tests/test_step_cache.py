@@ -702,3 +702,37 @@ def test_packed_mask_once_per_gradient_interpreted():
     from conftest import run_interpreted
 
     run_interpreted("from test_step_cache import _regrad_checks; _regrad_checks()", "regrad checks passed")
+
+
+def test_plan_made_once_per_layout(monkeypatch):
+    """``refresh`` groups the layers once and reuses the grouping while the layout stays (where the weights are,
+    their dtype, which layers train): a weight changed in place is refreshed with the same plan; a layer
+    switched off, or a weight moved, makes a new plan (the switched-off layer drops its cache)."""
+    m = tiny_qat_llama("q4_0")
+    cache = StepCache(m)
+    plans = []
+    make = cache._make_plan
+    monkeypatch.setattr(cache, "_make_plan", lambda: plans.append(1) or make())
+    cache.refresh()
+    cache.refresh()
+    assert len(plans) == 1
+    a, b = cache.modules[0], cache.modules[1]
+    with torch.no_grad():
+        a.weight.mul_(-3.0)  # a new version, same place
+    assert cache.stale()
+    cache.refresh()
+    assert len(plans) == 1 and not cache.stale()
+    w_hat = reference_fake_quant(a.weight.detach(), a.weight_fake_quant.fmt)[4]
+    assert torch.equal(a._w_cache.detach(), w_hat)
+    b.weight_fake_quant.enabled = False
+    cache.refresh()
+    assert len(plans) == 2 and b._w_cache is None and a._w_cache is not None
+    b.weight_fake_quant.enabled = True
+    a.weight.data = a.weight.data.clone()  # moved: the cache is filled from the new storage
+    cache.refresh()
+    assert len(plans) == 3 and b._w_cache is not None
+    for lay in (a, b):
+        assert torch.equal(lay._w_cache.detach(), reference_fake_quant(lay.weight.detach(), lay.weight_fake_quant.fmt)[4])
+    cache.close()
+    cache.refresh()
+    assert len(plans) == 4

@@ -20,7 +20,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import AffineFormat, QuantError, div, to_blocks
+from .base import AffineFormat, QuantError, div
 
 __all__ = ["IntFormat", "parse_int_format"]
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import llama_encoder
-from .base import Format, QTensor, QuantError, check_finite
+from .base import Format, QTensor, check_finite
 
 __all__ = ["KQuantFormat", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "KQUANT_FORMATS", "nearest_int"]
 

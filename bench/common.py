@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -42,9 +42,12 @@ class PeakRSS:
             self._thread.join()
 
 
-def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str) -> tuple[list[float], float]:
+def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
+               host: Optional[list] = None) -> tuple[list[float], float]:
     """Run ``warmup`` untimed steps, then ``steps`` timed ones: CUDA events on a GPU, the host clock on
-    the CPU. Returns (milliseconds per step, peak bytes: CUDA allocated on a GPU, resident set on the CPU)."""
+    the CPU. Returns (milliseconds per step, peak bytes: CUDA allocated on a GPU, resident set on the CPU).
+    ``host``: a list that gets each timed step's host time in ms (on a GPU: until the step's last launch was
+    queued; a host time close to the step time means the GPU waited for Python)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -55,15 +58,20 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str)
         for _ in range(steps):
             if device == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
                 a.record()
                 step()
                 b.record()
+                t1 = time.perf_counter()
                 torch.cuda.synchronize()
                 times.append(a.elapsed_time(b))
             else:
                 t0 = time.perf_counter()
                 step()
-                times.append((time.perf_counter() - t0) * 1e3)
+                t1 = time.perf_counter()
+                times.append((t1 - t0) * 1e3)
+            if host is not None:
+                host.append((t1 - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     return times, peak
 

@@ -11,7 +11,9 @@ JSON once ``--rounds`` is given).
 
 Random init (speed needs no trained weights), pure bf16 weights and fused AdamW, as in the torchao
 reference table of issue 7. Each variant runs ``--warmup`` steps, then ``--steps`` timed with CUDA events
-(median reported). Prints a table and writes JSON.
+(median reported). Prints a table and writes JSON. In the table each row's ``x bf16`` is against the nearest
+bf16 row before it (``--variants bf16,X,bf16,X`` gives side-by-side pairs), and ``host ms`` is how long Python
+took to queue the step (near ``ms/step``: the GPU waited for the host; ``host_ms_per_step`` in the JSON).
 """
 from __future__ import annotations
 
@@ -151,11 +153,13 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
             step()
         keep[variant] = (step, model, opt)
         return {}
-    times, peak = time_steps(step, args.warmup, args.steps, device)
+    host: list[float] = []
+    times, peak = time_steps(step, args.warmup, args.steps, device, host=host)
     peak = peak / 2**30 if device == "cuda" else float("nan")
     ms = statistics.median(times)
     res = dict(model=args.model, variant=variant, compiled=compiled, batch=args.batch, seq=args.seq,
-               ms_per_step=ms, tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
+               ms_per_step=ms, host_ms_per_step=statistics.median(host),
+               tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     if cache is not None:
         cache.close()  # frees its buffers (the packed codes) before the next variant measures its peak
@@ -216,18 +220,27 @@ def main() -> None:
             torch.cuda.empty_cache() if device == "cuda" else None
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(f"\n{'mode':8} {'variant':26} {'ms/step':>9} {'x bf16':>7} {'tok/s':>10} {'peak GiB':>9} {'x bf16':>7}")
+    # ratios against the nearest bf16 row before (the first one after it where none is before): with
+    # --variants bf16,X,bf16,X each X gets the bf16 run next to it (side-by-side pairs); "host ms" is the
+    # time Python took to queue the step: near "ms/step", the GPU waited for the host
+    print(f"\n{'mode':8} {'variant':26} {'ms/step':>9} {'x bf16':>7} {'host ms':>8} {'tok/s':>10} {'peak GiB':>9} "
+          f"{'x bf16':>7}")
     for mode in args.modes.split(","):
-        base = next((r for r in rows if r["variant"] == "bf16" and r["compiled"] == (mode == "compile") and "error" not in r), None)
+        ok = [r for r in rows if r["compiled"] == (mode == "compile") and "error" not in r]
+        base = next((r for r in ok if r["variant"] == "bf16"), None)
         for r in rows:
             if r["compiled"] != (mode == "compile"):
                 continue
             if "error" in r:
                 print(f"{mode:8} {r['variant']:26} error: {r['error'][:80]}")
                 continue
+            if r["variant"] == "bf16":
+                base = r
             rt = r["ms_per_step"] / base["ms_per_step"] if base else float("nan")
             rm = r["peak_gib"] / base["peak_gib"] if base else float("nan")
-            print(f"{mode:8} {r['variant']:26} {r['ms_per_step']:9.1f} {rt:7.3f} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {rm:7.3f}")
+            hm = r.get("host_ms_per_step", float("nan"))
+            print(f"{mode:8} {r['variant']:26} {r['ms_per_step']:9.1f} {rt:7.3f} {hm:8.1f} {r['tokens_per_s']:10.0f} "
+                  f"{r['peak_gib']:9.2f} {rm:7.3f}")
 
 
 if __name__ == "__main__":

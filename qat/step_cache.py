@@ -191,11 +191,14 @@ class StepCache:
         return self._versions != self._state()
 
     # -- after every change of the weights ------------------------------------------------------------------
-    @torch.no_grad()
     def refresh(self) -> None:
         """Every live layer's ``w_hat`` into its cache (and, as a forward would, the observer's parameters
         into its buffers)."""
-        state = self._state()  # refresh changes no weight: this is also the state after it
+        self._refresh(self._state())
+
+    @torch.no_grad()
+    def _refresh(self, state: list) -> None:
+        """``refresh`` from ``state`` (``_state()`` now; refresh changes no weight, so also the state after it)."""
         layout = [s[1:] for s in state]  # where the weights are and which train, not their versions
         if layout != self._layout:
             self._plan, self._layout, self._flush_groups = self._make_plan(), layout, {}
@@ -278,8 +281,9 @@ class StepCache:
             del self._bufs[key]
 
     def refresh_if_stale(self) -> None:
-        if self.stale():
-            self.refresh()
+        state = self._state()  # once: the callback calls this twice a step
+        if state != self._versions:
+            self._refresh(state)
 
     # -- before the optimizer reads .grad ------------------------------------------------------------------
     @torch.no_grad()

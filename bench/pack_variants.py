@@ -10,6 +10,8 @@ program.
   V5: V2 without the parameter computation (scale loaded: where the reductions' cost goes)
   V6: V2 with Q4_0's clip bits from x * inv + 8.5 >= 16 (it clamps only at the top)
   V7: V2 with the clip bits summed in two steps (8, then 4)
+  V8: V2 with floor() by the 2^23 trick (no FRND: t = (y + 2^23) - 2^23, floor = t - (t > y))
+  V9: V8 + V6's clip bits
   fq: the library's fake quant kernel against one with V1's rule
 The signed max keeps a -0 element's sign (a max over -inf elsewhere, not a sum with +0), as the library does.
     TRITON_INTERPRET=1 python bench/pack_variants.py   (bitwise checks only, CPU)
@@ -48,7 +50,12 @@ def pack_v(W, C, PS, WD, n_blocks, VAR: tl.constexpr, ROWS: tl.constexpr):
         scale = _div(_signed_max(x, cols, BLOCK), -8.0)
     s_st = scale.to(tl.float16).to(tl.float32)
     inv = tl.where(scale == 0.0, 0.0, _div(1.0, tl.where(scale == 0.0, 1.0, scale)))
-    raw = tl.floor(_add(_mul(x, inv[:, None]), 8.5))
+    if VAR >= 8:
+        y = _add(_mul(x, inv[:, None]), 8.5)
+        t = _add(_add(y, 8388608.0), -8388608.0)
+        raw = tl.where(t > y, _add(t, -1.0), t)
+    else:
+        raw = tl.floor(_add(_mul(x, inv[:, None]), 8.5))
     codes = tl.minimum(tl.maximum(raw, 0.0), 15.0) + 0.0
     if VAR != 5:
         tl.store(PS + rows, s_st.to(tl.float16), mask=rmask)
@@ -65,7 +72,7 @@ def pack_v(W, C, PS, WD, n_blocks, VAR: tl.constexpr, ROWS: tl.constexpr):
         half = tl.arange(0, BLOCK // 2)
         tl.store(C + rows[:, None].to(tl.int64) * (BLOCK // 2) + half[None, :], (lo4 | (hi4 << 4)).to(tl.uint8),
                  mask=rmask[:, None])
-    if VAR == 6:  # Q4_0 clamps only at the top
+    if VAR == 6 or VAR == 9:  # Q4_0 clamps only at the top
         y = _add(_mul(x, inv[:, None]), 8.5)
         bits = tl.where(y >= 16.0, 1, 0).to(tl.uint32) << cols.to(tl.uint32)[None, :]
         words = tl.sum(bits, axis=1).to(tl.int32, bitcast=True)
@@ -118,7 +125,7 @@ def main():
     cache = StepCache(model); cache.refresh(); buf = layer._w_packed.buf
     ref = (buf.codes.clone(), buf.ps.clone(), buf.words.clone())
     out = {}
-    for var in (0, 1, 2, 3, 4, 5, 6, 7):
+    for var in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9):
         for rows, warps in ((32, 1), (64, 2), (128, 4)):
             c = torch.zeros(n if var == 4 else n // 2, dtype=torch.uint8, device=dev)
             ps = ref[1].clone() if var == 5 else torch.zeros(nb, dtype=torch.float16, device=dev)

@@ -704,6 +704,58 @@ def test_packed_mask_once_per_gradient_interpreted():
     run_interpreted("from test_step_cache import _regrad_checks; _regrad_checks()", "regrad checks passed")
 
 
+def _clip_zero_checks(dev: str) -> None:
+    """``clip_zero`` against torch's ``grad * mask`` with the mask from the clip words, over words with no bit,
+    one bit (any of the 32, bit 31 too), many and all 32; several gradients of odd sizes in one launch, at
+    several program sizes; -0 and nan where masked. Bitwise (bf16 on CUDA only: the CPU interpreter's bf16
+    stores drop the sign of -0 and nan's bits, for every kernel)."""
+    from qat.kernels import triton_fq as tfq
+
+    torch.manual_seed(0)
+    sizes = [32 * 300, 32 * 7, 32 * 1001]
+    n_words = sum(sizes) // 32
+    pick = torch.rand(n_words)
+    full = torch.randint(-2**31, 2**31 - 1, (n_words,), dtype=torch.int64)
+    one = 1 << torch.randint(0, 32, (n_words,))
+    words = torch.where(pick < 0.3, 0, torch.where(pick < 0.7, one, full))
+    words[:4] = torch.tensor([-1, 2**31, 2**31 - 1, 3 << 30])  # all 32 bits, bit 31 alone, bits 0-30, 30-31
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(dev)
+    offs = [0, sizes[0] // 32, (sizes[0] + sizes[1]) // 32]
+    dtypes = (torch.float32, torch.bfloat16) if dev == "cuda" else (torch.float32,)
+    per0 = tfq.CLIP_WORDS
+    try:
+        for dt in dtypes:
+            grads = [torch.randn(n, device=dev).to(dt) for n in sizes]
+            grads[0][:3] = torch.tensor([float("nan"), -1.0, -0.0])  # in word 0: all bits set
+            want = []
+            for g, o in zip(grads, offs):
+                w = words[o:o + g.numel() // 32].to(torch.int64) & 0xFFFFFFFF
+                bits = (w[:, None] >> torch.arange(32, device=dev)) & 1
+                want.append(g * (bits.flatten() == 0).to(dt))
+            assert want[0][1].item() == 0 and torch.signbit(want[0][1]) and want[0][0].isnan()
+            for per in (64, 256):
+                tfq.CLIP_WORDS = per
+                got = [g.clone() for g in grads]
+                tfq.clip_zero(got, words, offs, {})
+                iv = torch.int32 if dt == torch.float32 else torch.int16
+                for a, b in zip(got, want):
+                    assert torch.equal(a.view(iv), b.view(iv)), (dt, per)
+    finally:
+        tfq.CLIP_WORDS = per0
+    print("clip zero checks passed")
+
+
+def test_clip_zero_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _clip_zero_checks; _clip_zero_checks('cpu')", "clip zero checks passed")
+
+
+@pytest.mark.gpu
+def test_clip_zero_cuda():
+    _clip_zero_checks("cuda")
+
+
 def test_plan_made_once_per_layout(monkeypatch):
     """``refresh`` groups the layers once and reuses the grouping while the layout stays (where the weights are,
     their dtype, which layers train): a weight changed in place is refreshed with the same plan; a layer

@@ -318,18 +318,36 @@ if HAS_TRITON:
         # The STE's mask on many gradients in place, in one launch (program -> layer PL, first word PR; layer
         # L's gradient at G0 + GP[L], see _table_ptr; its NW[L] clip words at WD + WOFF[L], as
         # ``_pack_table_kernel`` wrote them): g * 0 where the code was clamped (as torch's ``grad * mask``:
-        # -g*0 = -0, nan*0 = nan); the other elements are not touched (nor read: the loads and stores are
-        # predicated on the bits, so the traffic is the words and the clamped elements' sectors).
+        # -g*0 = -0, nan*0 = nan); the other elements are not touched (nor read).
+        # One word per lane, its set bits one at a time (lowest first), as many rounds as the program's fullest
+        # word has bits: Q4_0 on random normal weights sets a bit in 15 % of its words (0.17 a word, up to 7), so
+        # a few rounds, against testing all 32 bits of every word in 32 lanes (instruction-bound; a ~1B Llama's
+        # 80 packed layers: 267 against 499 us a step, H200, bench/clip_launch.py). The traffic is the words and
+        # the clamped elements' sectors.
         pid = tl.program_id(0)
         layer = tl.load(PL + pid)
         w_idx = tl.load(PR + pid) + tl.arange(0, WORDS)
-        G = _table_ptr(G0, GP, layer, ALIGNED)
+        G = _table_ptr(G0, GP, layer, ALIGNED) + w_idx.to(tl.int64) * 32
         words = tl.load(WD + tl.load(WOFF + layer) + w_idx, mask=w_idx < tl.load(NW + layer), other=0)
-        lanes = tl.arange(0, 32)
-        hit = ((words[:, None] >> lanes[None, :]) & 1) != 0
-        offs = w_idx[:, None].to(tl.int64) * 32 + lanes[None, :]
-        g = tl.load(G + offs, mask=hit, other=0.0)
-        tl.store(G + offs, g * 0.0, mask=hit)
+        left = words.to(tl.uint32, bitcast=True)
+        rounds = tl.max(_popcount(left), axis=0)
+        while rounds > 0:  # (a while: the CPU interpreter's reductions do not convert to range()'s int)
+            low = left & (0 - left)  # the lowest set bit (0 where none is left)
+            # its index: the exponent of the (exact) float of 2^i
+            pos = (low.to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 127
+            hit = left != 0
+            g = tl.load(G + pos, mask=hit, other=0.0)
+            tl.store(G + pos, g * 0.0, mask=hit)
+            left = left ^ low
+            rounds -= 1
+
+    @triton.jit
+    def _popcount(x):
+        """Set bits of each uint32 (SWAR: no libdevice, so the CPU interpreter runs it too)."""
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
 if HAS_TRITON:
@@ -463,13 +481,17 @@ def cache_get(cache: Optional[dict], key, build, limit: int = 8):
     return tab
 
 
+# words and warps a program of ``_clip_table_kernel``: on a ~1B Llama's 80 packed layers with Q4_0's clip words of
+# random normal weights (15 % of the words nonzero), 267 us a step at 256 and 4 against 288-462 us at 64-1024
+# words and 4-8 warps; the dense kernel before it took 499 us at its best (H200, bench/clip_launch.py)
+CLIP_WORDS, CLIP_WARPS = 256, 4
+
+
 def clip_zero(grads: list[Tensor], words: Tensor, w_offs: list[int], tables: Optional[dict] = None) -> None:
     """``grad *= mask`` in place for every gradient of ``grads`` (contiguous, of one dtype and device), the mask
     of gradient i given by the packed cache's clip words from ``w_offs[i]`` on (``numel // 32`` of them), in
     one launch (``_clip_table_kernel``). ``tables``: a dict keeping the program tables between calls."""
-    # 64 words and 4 warps a program: the fastest of 64/128/256 words and 2-8 warps on a ~1B Llama's 80 packed
-    # layers (H100: 945 us a step; 1459 us with 2 warps; one launch per layer at its best: 1101 us)
-    per = 64
+    per, warps = CLIP_WORDS, CLIP_WARPS
 
     def build():
         nw = torch.tensor([g.numel() // 32 for g in grads], dtype=torch.int64)
@@ -478,10 +500,10 @@ def clip_zero(grads: list[Tensor], words: Tensor, w_offs: list[int], tables: Opt
         return (torch.tensor(w_offs, dtype=torch.int64, device=dev), nw.to(dev, torch.int32),
                 pl.to(dev, torch.int32), pr.to(dev, torch.int32))
 
-    woff, nw, pl, pr = cache_get(tables, (tuple(w_offs), tuple(map(Tensor.numel, grads)), words.device), build)
+    woff, nw, pl, pr = cache_get(tables, (tuple(w_offs), tuple(map(Tensor.numel, grads)), words.device, per), build)
     gp, aligned = rel_offsets(grads)
     _clip_table_kernel[(pl.numel(),)](grads[0], gp, words, woff, nw, pl, pr, WORDS=per, ALIGNED=aligned,
-                                      num_warps=4, **launch_opts())
+                                      num_warps=warps, **launch_opts())
 
 
 # -- for torch.compile: functional triton_ops with their autograd registered, so dynamo traces the whole

@@ -12,6 +12,8 @@ program.
   V7: V2 with the clip bits summed in two steps (8, then 4)
   V8: V2 with floor() by the 2^23 trick (no FRND: t = (y + 2^23) - 2^23, floor = t - (t > y))
   V9: V8 + V6's clip bits
+  PF: V1's arithmetic, each program TILES tiles of ROWS blocks in a loop, the next tile's load issued before
+      the current tile's arithmetic (by hand: more loads in flight while a warp computes)
   fq: the library's fake quant kernel against one with V1's rule
 The signed max keeps a -0 element's sign (a max over -inf elsewhere, not a sum with +0), as the library does.
     TRITON_INTERPRET=1 python bench/pack_variants.py   (bitwise checks only, CPU)
@@ -88,6 +90,39 @@ def pack_v(W, C, PS, WD, n_blocks, VAR: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _v1_tile(x, rows, rmask, C, PS, WD, ROWS: tl.constexpr):
+    BLOCK: tl.constexpr = 32
+    cols = tl.arange(0, BLOCK)
+    scale = _div(_signed_max(x, cols, BLOCK), -8.0)
+    s_st = scale.to(tl.float16).to(tl.float32)
+    inv = tl.where(scale == 0.0, 0.0, _div(1.0, tl.where(scale == 0.0, 1.0, scale)))
+    raw = tl.floor(_add(_mul(x, inv[:, None]), 8.5))
+    codes = tl.minimum(tl.maximum(raw, 0.0), 15.0) + 0.0
+    tl.store(PS + rows, s_st.to(tl.float16), mask=rmask)
+    lo4, hi4 = tl.split(tl.reshape(codes.to(tl.uint8), (ROWS, BLOCK // 2, 2)))
+    half = tl.arange(0, BLOCK // 2)
+    tl.store(C + rows[:, None].to(tl.int64) * (BLOCK // 2) + half[None, :], lo4 | (hi4 << 4), mask=rmask[:, None])
+    bits = (raw != codes).to(tl.uint32) << cols.to(tl.uint32)[None, :]
+    tl.store(WD + rows, tl.sum(bits, axis=1).to(tl.int32, bitcast=True), mask=rmask)
+
+
+@triton.jit
+def pack_pf(W, C, PS, WD, n_blocks, ROWS: tl.constexpr, TILES: tl.constexpr):
+    BLOCK: tl.constexpr = 32
+    cols = tl.arange(0, BLOCK)
+    first = tl.program_id(0) * ROWS * TILES
+    end = tl.minimum(first + ROWS * TILES, n_blocks)
+    rows = first + tl.arange(0, ROWS)
+    x_next = tl.load(W + rows[:, None].to(tl.int64) * BLOCK + cols[None, :], mask=(rows < end)[:, None], other=0.0)
+    for t in range(TILES):
+        x = x_next.to(tl.float32)
+        cur = rows
+        rows = rows + ROWS
+        x_next = tl.load(W + rows[:, None].to(tl.int64) * BLOCK + cols[None, :], mask=(rows < end)[:, None], other=0.0)
+        _v1_tile(x, cur, cur < end, C, PS, WD, ROWS)
+
+
+@triton.jit
 def fq_v(W, OUT, MASK, S, n_blocks, ROWS: tl.constexpr):
     BLOCK: tl.constexpr = 32
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -148,6 +183,23 @@ def main():
             print(f"V{var} rows {rows} warps {warps}: bitwise {ok}  {us}", flush=True)
             if dev != "cuda":
                 break
+    for rows, tiles, warps in ((32, 2, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1), (64, 4, 2), (16, 1, 1)):
+        c = torch.zeros(n // 2, dtype=torch.uint8, device=dev)
+        ps = torch.zeros(nb, dtype=torch.float16, device=dev)
+        wd = torch.zeros(nb, dtype=torch.int32, device=dev)
+        f = lambda: pack_pf[(triton.cdiv(nb, rows * tiles),)](w, c, ps, wd, nb, ROWS=rows, TILES=tiles, num_warps=warps,
+                                                               **tfq.launch_opts())
+        f()
+        ok = bool(torch.equal(ps.view(torch.int16), ref[1].view(torch.int16)) and torch.equal(c, ref[0])
+                  and torch.equal(wd, ref[2]))
+        us = None
+        if dev == "cuda":
+            from kernel_bw import timed
+            us = timed(f) * 1e3
+        out[f"PF rows{rows} tiles{tiles} w{warps}"] = dict(ok=ok, us=us)
+        print(f"PF rows {rows} tiles {tiles} warps {warps}: bitwise {ok}  {us}", flush=True)
+        if dev != "cuda":
+            break
     o1 = torch.empty_like(w); m1 = torch.empty(w.shape, dtype=torch.bool, device=dev)
     o2 = torch.empty_like(w); m2 = torch.empty(w.shape, dtype=torch.bool, device=dev)
     s1 = torch.empty(nb, device=dev); s2 = torch.empty(nb, device=dev)

@@ -87,6 +87,9 @@ class _Packed:
 
     def __init__(self, buf: _PackBuf, b_off: int, n_blocks: int, fmt):
         self.buf, self.b_off, self.n_blocks, self.fmt = buf, b_off, n_blocks, fmt
+        # for the compiled forward: the format's name, a string dynamo guards by value (the format object, shared
+        # by many layers, took an identity guard per layer, evaluated in Python on every call)
+        self.fmt_name = fmt.name
         self.version = -1
 
     def w_hat(self, w: Tensor) -> Tensor:
@@ -95,7 +98,7 @@ class _Packed:
 
     def compiled_w_hat(self, w: Tensor) -> Tensor:
         """Under torch.compile: the ``qat::unpack_w`` op, whose gradient reaches ``w`` unchanged."""
-        return torch.ops.qat.unpack_w(w, self.buf.codes, self.buf.ps, self.buf.pz, self.b_off, self.fmt.name)
+        return torch.ops.qat.unpack_w(w, self.buf.codes, self.buf.ps, self.buf.pz, self.b_off, self.fmt_name)
 
     def fake_quant_detached(self, w: Tensor):
         return self.w_hat(w), "packed", ()

@@ -66,7 +66,6 @@ from .modules import FakeQuantLinear, is_fake_quant
 
 __all__ = ["StepCache"]
 
-_BUFS = {}
 class _PackBuf:
     """The flat buffers of one group of packed layers (one format and weight dtype): the codes two per byte,
     the stored scale (and zero term) per block, and one int32 of clip bits per 32 elements."""
@@ -78,7 +77,6 @@ class _PackBuf:
         self.ps = torch.empty(total // fmt.block, dtype=s_dt, device=device)
         self.pz = torch.empty(total // fmt.block, dtype=z_dt, device=device) if has_zero else None
         self.words = torch.empty(total // 32, dtype=torch.int32, device=device)
-        _BUFS[0] = self
 
 
 class _Packed:
@@ -100,8 +98,7 @@ class _Packed:
 
     def compiled_w_hat(self, w: Tensor) -> Tensor:
         """Under torch.compile: the ``qat::unpack_w`` op, whose gradient reaches ``w`` unchanged."""
-        b = _BUFS[0]
-        return torch.ops.qat.unpack_w(w, b.codes, b.ps, b.pz, self.b_off, self.fmt_name)
+        return torch.ops.qat.unpack_w(w, self.buf.codes, self.buf.ps, self.buf.pz, self.b_off, self.fmt_name)
 
     def fake_quant_detached(self, w: Tensor):
         return self.w_hat(w), "packed", ()

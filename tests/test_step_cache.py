@@ -437,6 +437,8 @@ PACKED_CASES = {name: CASES[name] for name in (
     "q4_0", "int4_w_g32", "int4_asym_g32 mse", "q8_0 bf16 weights", "q4_0 autocast bf16",
     "q4_0 2 micro-batches per step", "q4_0 switched on at step 2", "q4_0 dynamic, frozen at step 2")}
 PACKED_CASES["q4_1 bf16 weights"] = dict(scheme="q4_1", dtype=torch.bfloat16)
+# two packed groups (two formats): every layer must read its own group's buffers, under compile too
+PACKED_CASES["q4_0 attention, q4_1 mlp"] = dict(scheme="q4_0", rules={"*mlp.*": "q4_1"})
 INDUCTOR_CASES = ("q4_0 autocast bf16", "q4_1 bf16 weights")
 
 
@@ -472,6 +474,7 @@ def _packed_checks(device: str, compile=False) -> None:
                 assert cache.packed == [] and cache.masked == 0, name
             else:
                 assert len(cache.packed) == n_lin, (name, len(cache.packed))
+                assert len(cache._bufs) == (2 if "mlp" in name else 1), (name, list(cache._bufs))
                 on = kw.get("steps", 3) - kw.get("start_step", 0)
                 assert cache.masked == n_lin * on, (name, cache.masked)  # one flush per step
                 clipped = sum(int(torch.tensor([bin(w & 0xFFFFFFFF).count("1") for w in buf.words.tolist()]).sum())

@@ -479,8 +479,8 @@ def _group_forward(self, *args, **kwargs):
     if not (torch.compiler.is_compiling() and _compile_group_on()):
         return fwd(self, *args, **kwargs)
     # without the affine group (the default), only the k-quant members can take the op: the others are not
-    # looked at, so dynamo guards nothing of theirs here (each member read here costs guards on every call, some
-    # in Python: ~0.5 ms of a ~1B Llama's compiled step on an H200, before its first kernel)
+    # looked at, so dynamo guards nothing of theirs here (each member read here adds guards that every call
+    # checks, some in Python; a 16-layer tiny Llama with 112 packed layers, CPU: cache lookup ~1.07 -> ~0.95 ms)
     stashed = _stash(self._qat_compile_members if _compile_group_affine() else self._qat_compile_kquant)
     try:
         return fwd(self, *args, **kwargs)

@@ -16,6 +16,8 @@ import sys
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
 import torch, triton, triton.language as tl
+from qat.formats import get_format
+from qat.formats.base import to_blocks
 from qat.kernels import triton_fq as tfq
 from kernel_bw import timed
 
@@ -34,13 +36,14 @@ def dense_clip(G0, GP, WD, WOFF, NW, PL, PR, WORDS: tl.constexpr, ALIGNED: tl.co
     tl.store(G + offs, g * 0.0, mask=hit)
 
 
-def q4_0_words(shape, gen) -> torch.Tensor:
-    """Q4_0's clip words of a random normal weight (torch, the reference rule: clamped where x / d + 8.5 >= 16)."""
-    w = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16).float().view(-1, 32)
-    i = w.abs().argmax(1, keepdim=True)
-    d = (w.gather(1, i) / -8.0).to(torch.float16).float()
-    inv = torch.where(d == 0, 0.0, 1.0 / d)
-    bits = (torch.floor(w * inv + 8.5) > 15).to(torch.int64) << torch.arange(32, device="cuda")
+def q4_0_words(shape, gen, device="cuda") -> torch.Tensor:
+    """Q4_0's clip words of a random normal bf16 weight: bit j of word i set where element 32i+j's code is clamped
+    by the library's reference rule (``qat.formats``: what the pack kernel reproduces bitwise)."""
+    fmt = get_format("q4_0")
+    blocks = to_blocks(torch.randn(shape, device=device, generator=gen).to(torch.bfloat16), fmt.block).reshape(-1, 32)
+    scale, zero = fmt.choose_params(blocks)
+    raw = fmt.raw_codes(blocks, scale, zero)
+    bits = (raw != fmt.clamp_codes(raw)).to(torch.int64) << torch.arange(32, device=device)
     words = bits.sum(1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -92,4 +95,5 @@ def main():
             json.dump(out, f, indent=1)
 
 
-main()
+if __name__ == "__main__":
+    main()

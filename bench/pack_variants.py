@@ -160,6 +160,21 @@ def main():
     cache = StepCache(model); cache.refresh(); buf = layer._w_packed.buf
     ref = (buf.codes.clone(), buf.ps.clone(), buf.words.clone())
     out = {}
+
+    def measure(name, f, c, ps, wd, packed=True, words=True):
+        """Run ``f`` once, compare its outputs bitwise with the library's refresh (``packed``: codes two per byte,
+        else one per byte; ``words``: the clip words too), time it on CUDA, record and print it."""
+        f()
+        ok = bool(torch.equal(ps.view(torch.int16), ref[1].view(torch.int16)))
+        ok &= bool(torch.equal(c if packed else c[0::2] | (c[1::2] << 4), ref[0]))
+        if words:
+            ok &= bool(torch.equal(wd, ref[2]))
+        us = None
+        if dev == "cuda":
+            from kernel_bw import timed
+            us = timed(f) * 1e3
+        out[name] = dict(ok=ok, us=us)
+        print(f"{name}: bitwise {ok}  {us}", flush=True)
     for var in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9):
         for rows, warps in ((32, 1), (64, 2), (128, 4)):
             c = torch.zeros(n if var == 4 else n // 2, dtype=torch.uint8, device=dev)
@@ -167,20 +182,7 @@ def main():
             wd = torch.zeros(nb, dtype=torch.int32, device=dev)
             f = lambda: pack_v[(triton.cdiv(nb, rows),)](w, c, ps, wd, nb, VAR=var, ROWS=rows, num_warps=warps,
                                                           **tfq.launch_opts())
-            f()
-            ok = bool(torch.equal(ps.view(torch.int16), ref[1].view(torch.int16)))
-            if var != 4:
-                ok &= bool(torch.equal(c, ref[0]))
-            else:
-                ok &= bool(torch.equal((c[0::2] | (c[1::2] << 4)), ref[0]))
-            if var != 3:
-                ok &= bool(torch.equal(wd, ref[2]))
-            us = None
-            if dev == "cuda":
-                from kernel_bw import timed
-                us = timed(f) * 1e3
-            out[f"V{var} rows{rows} w{warps}"] = dict(ok=ok, us=us)
-            print(f"V{var} rows {rows} warps {warps}: bitwise {ok}  {us}", flush=True)
+            measure(f"V{var} rows {rows} warps {warps}", f, c, ps, wd, packed=var != 4, words=var != 3)
             if dev != "cuda":
                 break
     for rows, tiles, warps in ((32, 2, 1), (32, 4, 1), (32, 8, 1), (16, 4, 1), (16, 8, 1), (64, 4, 2), (16, 1, 1)):
@@ -189,15 +191,7 @@ def main():
         wd = torch.zeros(nb, dtype=torch.int32, device=dev)
         f = lambda: pack_pf[(triton.cdiv(nb, rows * tiles),)](w, c, ps, wd, nb, ROWS=rows, TILES=tiles, num_warps=warps,
                                                                **tfq.launch_opts())
-        f()
-        ok = bool(torch.equal(ps.view(torch.int16), ref[1].view(torch.int16)) and torch.equal(c, ref[0])
-                  and torch.equal(wd, ref[2]))
-        us = None
-        if dev == "cuda":
-            from kernel_bw import timed
-            us = timed(f) * 1e3
-        out[f"PF rows{rows} tiles{tiles} w{warps}"] = dict(ok=ok, us=us)
-        print(f"PF rows {rows} tiles {tiles} warps {warps}: bitwise {ok}  {us}", flush=True)
+        measure(f"PF rows {rows} tiles {tiles} warps {warps}", f, c, ps, wd)
         if dev != "cuda":
             break
     o1 = torch.empty_like(w); m1 = torch.empty(w.shape, dtype=torch.bool, device=dev)

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import PeakRSS  # noqa: E402
-from bench.speed import MODELS, apply_switches, build, optimizer_step, step_cache  # noqa: E402
+from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 FIELDS = ("params", "buffers", "grads", "optimizer", "saved", "saved_weight_shaped", "cache", "forward_kept",
           "peak")
@@ -62,6 +62,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
                         generator=torch.Generator(device).manual_seed(0))
 
     def step(hooks=None):
+        batch_start(cache)
         if hooks is None:
             loss = model(input_ids=ids, labels=ids).loss
         else:

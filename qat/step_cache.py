@@ -6,7 +6,7 @@ latency, not bandwidth: SmolLM2-135M has 210 of them, ~2-3 us of GPU time each p
 and its compiled QAT step stayed at 1.026x bf16's with every other cost removed (BENCHMARKS.md).
 
 Between two optimizer steps the weights do not change, so neither do ``w_hat`` and the clip mask. The step
-cache computes every covered layer's ``w_hat`` in one launch right after the optimizer step, into a tensor
+cache computes every covered layer's ``w_hat`` in one launch after the optimizer step, into a tensor
 per layer that the forward multiplies by (``FakeQuantLinear._w_cache``, a leaf that takes the gradient of
 ``w_hat``): the forward and backward graphs are then those of an unquantized model. Before the next
 optimizer step, one more launch recomputes the clip masks from the unchanged weights and stored parameters
@@ -34,7 +34,9 @@ another micro-batch changes nothing). Same bits as fake quant in every forward. 
 leaves them to recompute fake quant. Other large layers recompute as before.
 
 Who calls it: ``QATCallback`` on one GPU by default (a weight the forward does not use gets no gradient from
-DDP's reducer, so never under DDP/FSDP); it flushes after every backward, before clipping and before fp16's
+DDP's reducer, so never under DDP/FSDP); it refreshes at the start of a batch (not right after the optimizer
+step: the GPU, idle there once the loss was read, runs the launches while the host is still in the hooks and
+the compiled forward's guards) and flushes after every backward, before clipping and before fp16's
 GradScaler unscales. In a plain loop::
 
     cache = StepCache(model)

@@ -355,9 +355,9 @@ def test_compiled_same_numbers_no_fake_quant_in_the_graph(name, monkeypatch):
 def test_resume_from_checkpoint_bitwise_with_the_cache(tmp_path):
     """A run with the cache, stopped after 2 epochs and resumed to 3, ends bitwise where the uninterrupted run
     with the cache ends (the cache is no state: the resumed weights are new, so the first batch refreshes it),
-    and with the weights of the run without the cache. (The ``dynamic`` observers' buffers differ from that
-    run's: refreshed after the last optimizer step they hold the parameters of the final weights, where
-    without the cache they hold those of the last forward; ``quantize``/export recompute them anyway.)"""
+    and with the whole state of the run without the cache: the ``dynamic`` observers' buffers too, since the
+    callback refreshes at a batch's start, not after the optimizer step, so the last refresh saw the weights
+    of the last forward."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     import test_callback as tc
@@ -384,8 +384,9 @@ def test_resume_from_checkpoint_bitwise_with_the_cache(tmp_path):
     plain, cached, resumed = ends
     bad = [k for k in cached if not torch.equal(cached[k], resumed[k])]
     assert not bad, bad[:5]
-    weights = [k for k in plain if "fake_quant" not in k]
-    assert len(weights) > 14 and all(torch.equal(plain[k], cached[k]) for k in weights)
+    assert len([k for k in plain if "fake_quant" not in k]) > 14
+    bad = [k for k in plain if not torch.equal(plain[k], cached[k])]
+    assert not bad, bad[:5]
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q4_0 switched on at step 2", "q4_0 2 micro-batches per step"])

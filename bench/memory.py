@@ -70,7 +70,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
                 loss = model(input_ids=ids, labels=ids).loss
         return loss
 
-    cache = step_cache(model)  # None unless +step-cache
+    cache = step_cache(model, opt)  # None unless +step-cache
     loss = step()  # the first step creates the gradients and AdamW's state
     loss.backward()
     optimizer_step(opt, cache)

@@ -65,7 +65,7 @@ def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     f = torch.compile(model) if compiled else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    cache = step_cache(model)
+    cache = step_cache(model, opt)
 
     def step():
         batch_start(cache)
@@ -92,7 +92,7 @@ def optimizer_step(opt, cache) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def step_cache(model):
+def step_cache(model, opt):
     """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
     ``model``: the step then calls ``refresh_if_stale`` before the forward and ``flush`` before the optimizer
     step, as ``QATCallback`` does with its default on one GPU. Otherwise None: a ``qat:`` row without the suffix is
@@ -102,6 +102,7 @@ def step_cache(model):
     from qat.step_cache import StepCache
 
     cache = StepCache(model)
+    cache.watch(opt)  # as the callback: fused AdamW's steps leave the weights' versions as they were
     cache.refresh()
     return cache
 
@@ -143,7 +144,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     env = {k: os.environ.get(k) for k, _ in SWITCHES.values()}
-    cache = step_cache(model)
+    cache = step_cache(model, opt)
 
     def step():
         for k, v in env.items():  # interleaved variants each keep their own switches

@@ -139,6 +139,8 @@ class QATCallback(L.Callback):
 
         cache = StepCache(pl_module)
         if cache.modules or cache.packed:
+            for opt in trainer.optimizers:  # fused AdamW's steps leave the weights' versions as they were
+                cache.watch(opt)
             self._cache = cache
             rank_zero_info(f"QATCallback: step cache on for {len(cache.modules)} layers and packed for "
                            f"{len(cache.packed)} large ones (fake quant once per optimizer step; "

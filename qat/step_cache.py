@@ -40,8 +40,9 @@ the compiled forward's guards) and flushes after every backward, before clipping
 GradScaler unscales. In a plain loop::
 
     cache = StepCache(model)
+    cache.watch(opt)               # fused optimizers change the weights without bumping their versions
     for batch in data:
-        cache.refresh()            # after every change of the weights (here: the optimizer step)
+        cache.refresh_if_stale()   # after every change of the weights (here: the optimizer step)
         loss = model(batch); loss.backward()
         cache.flush()              # before anything reads .grad (clipping, the optimizer); per micro-batch is fine
         opt.step(); opt.zero_grad()
@@ -170,6 +171,8 @@ class StepCache:
         self._flush_groups: dict = {}
         self.refreshes = 0  # how many times ``refresh`` ran
         self.moved = 0  # gradients ``flush`` moved to weights, in total
+        self._stepped = False  # an optimizer ``watch`` watches stepped since the last refresh
+        self._hooks: list = []
 
     # -- which layers use their cache this step ---------------------------------------------------------
     @staticmethod
@@ -191,9 +194,26 @@ class StepCache:
         return out
 
     def stale(self) -> bool:
-        """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, since the last
-        ``refresh``."""
-        return self._versions != self._state()
+        """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, or a watched
+        optimizer stepped, since the last ``refresh``."""
+        return self._stepped or self._versions != self._state()
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
+        (``AdamW(fused=True)``) writes the weights without bumping their version counters, so neither
+        ``refresh_if_stale`` nor the eager forward's version check would see the step (every forward after
+        the first step would train on the old ``w_hat``). After each step the caches are marked stale until
+        the next ``refresh``: an eager forward before it fake-quantizes as usual; a compiled one cannot check,
+        so ``refresh`` (or ``refresh_if_stale``) must come first, as with any change of the weights."""
+        self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+
+    def _after_step(self, *_) -> None:
+        self._stepped = True
+        for m in self.modules:
+            m.__dict__["_w_cache_version"] = -1  # no version a weight has: the eager forward ignores the cache
+        for m in self.packed:
+            if m._w_packed is not None:
+                m._w_packed.version = -1
 
     # -- after every change of the weights ------------------------------------------------------------------
     def refresh(self) -> None:
@@ -230,7 +250,7 @@ class StepCache:
             # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
             m.__dict__["_w_cache_version"] = _w(m)._version
         self._refresh_packed(packed_groups)
-        self._versions = state
+        self._versions, self._stepped = state, False
         self.refreshes += 1
 
     def _make_plan(self) -> tuple:
@@ -286,8 +306,8 @@ class StepCache:
             del self._bufs[key]
 
     def refresh_if_stale(self) -> None:
-        state = self._state()  # once: the callback calls this twice a step
-        if state != self._versions:
+        state = self._state()
+        if self._stepped or state != self._versions:
             self._refresh(state)
 
     # -- before the optimizer reads .grad ------------------------------------------------------------------
@@ -353,6 +373,9 @@ class StepCache:
             m._w_packed = None
         self._bufs, self._clip_tables, self._masked_at = {}, {}, {}
         self._versions = self._layout = self._plan = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._stepped = [], False
         self._flush_groups = {}
 
     # -- launches --------------------------------------------------------------------------------------------

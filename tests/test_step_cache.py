@@ -32,14 +32,17 @@ def _switches_unset(monkeypatch):
 
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
            rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
-           freeze_at=None):
-    """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces."""
+           freeze_at=None, fused=False):
+    """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces. ``fused``:
+    fused AdamW, which the cache watches (``StepCache.watch``) as the callback does."""
     m = tiny_qat_llama(scheme, device, dtype, rules=rules, observer=observer, tie=tie, hidden=hidden, inter=inter)
     if compile:
         torch._dynamo.reset()
     fwd = torch.compile(m, backend=compile if isinstance(compile, str) else "inductor") if compile else m
     cache = StepCache(m) if cached else None
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused)
+    if cache is not None and fused:
+        cache.watch(opt)
     g = torch.Generator().manual_seed(1)
     losses, grads = [], []
     for step in range(steps):
@@ -119,6 +122,34 @@ def test_missed_refresh_falls_back_to_fake_quant(monkeypatch):
     assert all(m._w_cache.grad is None for m in b["cache"].modules)
 
 
+@pytest.mark.parametrize("refresh", [True, False], ids=["refreshed", "missed refresh"])
+def test_fused_optimizer_watched(refresh):
+    """Fused AdamW leaves the weights' versions as they were: the watched step marks the caches stale, so a
+    refresh follows it, and a forward without that refresh fake-quantizes as usual; the numbers stay those of
+    the uncached run. Without ``watch`` the second step trains on the first step's ``w_hat``."""
+    a = _train(False, fused=True)
+    b = _train(True, fused=True, refresh=refresh)
+    assert_same_run(a, b, "fused")
+    # one before each of the 3 steps (or only the first) and one before the final eval forward
+    assert b["cache"].refreshes == (3 + 1 if refresh else 2), b["cache"].refreshes
+    m = tiny_qat_llama("q4_0", "cpu", torch.float32)
+    cache = StepCache(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+    cache.refresh()
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not cache.stale()  # the versions alone miss the step
+    cache.watch(opt)
+    opt.step()
+    assert cache.stale()
+    cache.refresh_if_stale()
+    assert not cache.stale() and cache.refreshes == 2
+    cache.close()
+    opt.step()
+    assert not cache._hooks and not cache._stepped  # close removed the hook
+
+
 def test_coverage(monkeypatch):
     m = tiny_llama(vocab=256, hidden=64, inter=128, layers=1, tie=True)
     # the embedding and the tied head, both quantized: one weight, two fake-quant modules: not covered
@@ -154,9 +185,10 @@ def test_close_and_export_read_the_weights():
 
 
 class _LM(L.LightningModule):
-    def __init__(self):
+    def __init__(self, **opt_kw):
         super().__init__()
         self.model = tiny_llama()
+        self.opt_kw = opt_kw
 
     def training_step(self, batch, _):
         return self.model(input_ids=batch, labels=batch).loss
@@ -165,13 +197,13 @@ class _LM(L.LightningModule):
         self.log("val_loss", self.model(input_ids=batch, labels=batch).loss)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+        return torch.optim.AdamW(self.parameters(), lr=3e-3, **self.opt_kw)
 
 
-def _fit(step_cache: bool, **kw):
+def _fit(step_cache: bool, opt_kw=None, **kw):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.DataLoader(torch.randint(0, 256, (32, 16), generator=g), batch_size=4)
-    module = _LM()
+    module = _LM(**(opt_kw or {}))
     cb = QATCallback("q4_0", start_step=1, freeze_step=3, step_cache=step_cache, log_every_n_steps=0)
     kw.setdefault("accelerator", "cpu")
     t = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -187,6 +219,7 @@ def _check_fit_same_with_and_without_cache(cached=True, **kw) -> None:
     once fake quant was on (from step 1: 6 of them), before the optimizer step nothing was left to move, the
     caches are freed at the end, and the final state and validation loss are bitwise the uncached run's."""
     a, _, ta = _fit(False, **kw)
+    assert a.opt_kw == kw.get("opt_kw", {})
     seen = []
     orig_backward, orig_step = QATCallback.on_after_backward, QATCallback.on_before_optimizer_step
 
@@ -218,14 +251,26 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
     _check_fit_same_with_and_without_cache()
 
 
+def test_lightning_same_weights_fused_adamw():
+    """Fused AdamW writes the weights without bumping their version counters (``_fused_adamw_``, torch 2.11-2.13),
+    so the weights' versions cannot tell the cache that they changed: the optimizer's step hook does. Before
+    it, every forward after the first optimizer step trained on the first step's ``w_hat``."""
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.ones(2)
+    torch.optim.AdamW([w], fused=True).step()
+    assert w._version == 0 and not torch.equal(w, torch.ones(2))  # what makes this case: if it fails, torch changed
+    _check_fit_same_with_and_without_cache(opt_kw=dict(fused=True))
+
+
 def test_lightning_step_cache_switch(monkeypatch):
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     class _T:  # what on_train_start reads
-        world_size, precision, strategy = 2, "bf16-mixed", DDPStrategy()
+        world_size, precision, strategy, optimizers = 2, "bf16-mixed", DDPStrategy(), []
 
     module = _LM()
     qat.prepare(module, "q4_0")
+    _T.optimizers = [torch.optim.AdamW(module.parameters(), fused=True)]
     cb = QATCallback("q4_0", step_cache=True)
     with pytest.warns(UserWarning, match="step_cache is off: it runs with Lightning's single-device strategy"):
         cb.on_train_start(_T(), module)
@@ -242,8 +287,9 @@ def test_lightning_step_cache_switch(monkeypatch):
         _T.precision = precision
         cb = QATCallback("q4_0")
         cb.on_train_start(_T(), module)
-        assert cb._cache is not None and len(cb._cache.modules) == 14
+        assert cb._cache is not None and len(cb._cache.modules) == 14 and len(cb._cache._hooks) == 1
         cb._cache.close()
+        assert not cb._cache._hooks and not _T.optimizers[0]._optimizer_step_post_hooks
     monkeypatch.delenv("QAT_STEP_CACHE")
     # the default: on for GPU weights only, and not with manual optimization (checked on a GPU below)
     cb = QATCallback("q4_0")
@@ -566,6 +612,10 @@ def test_packed_missed_refresh_falls_back_interpreted():
             "from test_step_cache import _train; a = _train(False); b = _train(True, refresh=False); "
             "assert_same_run(a, b, 'no refresh'); c = b['cache']; "
             "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
+            "a = _train(False, fused=True); b = _train(True, refresh=False, fused=True); "
+            "assert_same_run(a, b, 'fused, no refresh'); c = b['cache']; "
+            "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
+            "b = _train(True, fused=True); assert_same_run(a, b, 'fused'); "
             "print('missed refresh ok')")
     run_interpreted(code, "missed refresh ok")
 

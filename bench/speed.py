@@ -76,26 +76,27 @@ def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: s
 
 
 def batch_start(cache) -> None:
-    """With a step cache, what ``QATCallback.on_train_batch_start`` does: ``refresh_if_stale`` (after an
-    optimizer step, the pack and fake quant launches), right before the forward. The GPU, idle at a step's
-    start, runs them while the host is still in the compiled forward's guards and wrappers."""
+    """With a step cache, what ``QATCallback.on_train_batch_start`` does: ``refresh_if_stale``, which finds
+    nothing to do after ``optimizer_step``'s refresh (its host time is what the callback costs there)."""
     if cache is not None:
         cache.refresh_if_stale()
 
 
 def optimizer_step(opt, cache) -> None:
-    """The optimizer step and zero_grad; with a step cache, its ``flush`` before (the refresh comes at the
-    next step's start, ``batch_start``)."""
+    """The optimizer step and zero_grad; with a step cache, its ``flush`` before and ``refresh_if_stale``
+    after (the callback's ``on_train_batch_end``: the refresh's host work overlaps the optimizer's kernels)."""
     if cache is not None:
         cache.flush()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if cache is not None:
+        cache.refresh_if_stale()
 
 
 def step_cache(model, opt):
     """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
-    ``model``: the step then calls ``refresh_if_stale`` before the forward and ``flush`` before the optimizer
-    step, as ``QATCallback`` does with its default on one GPU. Otherwise None: a ``qat:`` row without the suffix is
+    ``model``: the step then calls ``flush`` before the optimizer step and ``refresh_if_stale`` after it and
+    before the forward, as ``QATCallback`` does with its default on one GPU. Otherwise None: a ``qat:`` row without the suffix is
     fake quant in every forward (the callback with ``step_cache=False``, or under DDP/FSDP)."""
     if os.environ.get("QAT_STEP_CACHE") != "1":
         return None

@@ -170,11 +170,13 @@ class QATCallback(L.Callback):
                 self._cache.refresh_if_stale()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # no refresh here: the next batch's start does it (on_train_batch_start), where the GPU, idle after the
-        # progress bar read the loss, runs the pack while the host is still in the hooks and the compiled
-        # forward's guards; here it ran on the step's critical path (H200, ~1B Llama: ~1.2 ms a step,
-        # BENCHMARKS.md session 14). A forward before that refresh (another callback's, at batch end) sees the
-        # previous step's w_hat: eager forwards check the weight's version and fake-quantize as usual
+        if self._cache is not None:
+            # right after the optimizer step, while the device still runs it: the refresh's host work (~2 ms on
+            # the H200 machine's CPU for the ~1B Llama) hides behind the optimizer's kernels. At the next batch's
+            # start instead, the idle GPU could pack during the hooks and guards, but that host work then came
+            # first: the compiled step measured no faster (BENCHMARKS.md, session 14)
+            self._apply_schedule(pl_module, trainer.global_step)
+            self._cache.refresh_if_stale()
         step = trainer.global_step
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
             self.log_layer_errors(trainer, pl_module)

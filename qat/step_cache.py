@@ -34,18 +34,18 @@ another micro-batch changes nothing). Same bits as fake quant in every forward. 
 leaves them to recompute fake quant. Other large layers recompute as before.
 
 Who calls it: ``QATCallback`` on one GPU by default (a weight the forward does not use gets no gradient from
-DDP's reducer, so never under DDP/FSDP); it refreshes at the start of a batch (not right after the optimizer
-step: the GPU, idle there once the loss was read, runs the launches while the host is still in the hooks and
-the compiled forward's guards) and flushes after every backward, before clipping and before fp16's
-GradScaler unscales. In a plain loop::
+DDP's reducer, so never under DDP/FSDP); it refreshes right after the optimizer step (the refresh's host work
+overlaps the optimizer's kernels) and checks again at every batch's start, and it flushes after every
+backward, before clipping and before fp16's GradScaler unscales. In a plain loop::
 
     cache = StepCache(model)
     cache.watch(opt)               # fused optimizers change the weights without bumping their versions
+    cache.refresh()
     for batch in data:
-        cache.refresh_if_stale()   # after every change of the weights (here: the optimizer step)
         loss = model(batch); loss.backward()
         cache.flush()              # before anything reads .grad (clipping, the optimizer); per micro-batch is fine
         opt.step(); opt.zero_grad()
+        cache.refresh_if_stale()   # after every change of the weights (here: the optimizer step)
     cache.close()
 
 A layer whose weight changed since the last ``refresh`` (eager: ``weight._version``) ignores its cache and

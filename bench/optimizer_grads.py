@@ -1,0 +1,108 @@
+"""Fused AdamW's step alone, on the gradients a compiled training step left, and on fresh copies of them:
+does the optimizer read the QAT step's gradients slower than bf16's? (It did: BENCHMARKS.md, session 14.)
+
+For each variant, in one process: build the model as ``bench/speed.py`` does, compile it, run three steps
+(with ``+step-cache``: the cache's flush too, as the callback), keep the last step's gradients, then time
+``opt.step()`` alone (CUDA events, median of ``--reps``), replace every gradient by a clone and time it again.
+It also lists what could make two sets of gradients read differently: dtype, contiguity, 16-byte alignment,
+storage offsets, shared storages.
+
+    python bench/optimizer_grads.py --variants bf16,qat:q4_0+step-cache,bf16 [--model llama1b] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.speed import MODELS, apply_switches, batch_start, build, step_cache  # noqa: E402
+
+
+def timed(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def grad_layout(model) -> dict:
+    g = [p.grad for p in model.parameters() if p.grad is not None]
+    return dict(grads=len(g), dtypes=sorted({str(x.dtype) for x in g}),
+                non_contiguous=sum(not x.is_contiguous() for x in g),
+                misaligned_16=sum(x.data_ptr() % 16 != 0 for x in g),
+                storage_offset=sum(x.storage_offset() != 0 for x in g),
+                shared_storage=len(g) - len({x.untyped_storage().data_ptr() for x in g}))
+
+
+def measure(model_name: str, variant: str, batch: int, seq: int, reps: int) -> dict:
+    model = build(model_name, apply_switches(variant), "cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    f = torch.compile(model)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    cache = step_cache(model, opt)
+    for i in range(3):
+        batch_start(cache)
+        f(input_ids=ids, labels=ids).loss.backward()
+        if cache is not None:
+            cache.flush()
+        if i < 2:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cache is not None:
+                cache.refresh_if_stale()
+    torch.cuda.synchronize()
+    row = dict(model=model_name, variant=variant, **grad_layout(model))
+    row["step_ms"] = timed(opt.step, reps)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+    row["step_ms_cloned_grads"] = timed(opt.step, reps)
+    row["device"] = torch.cuda.get_device_name()
+    if cache is not None:
+        cache.close()
+    del model, opt, f, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="llama1b")
+    p.add_argument("--variants", default="bf16,qat:q4_0+step-cache,bf16")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("optimizer_grads: needs a CUDA GPU (fused AdamW's kernel time is what it measures)")
+    rows = []
+    for v in args.variants.split(","):
+        rows.append(measure(args.model, v, args.batch, args.seq, args.reps))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"{'variant':24s} {'opt.step ms':>11s} {'cloned grads':>12s} {'misaligned':>10s} {'non-contig':>10s}")
+    for r in rows:
+        print(f"{r['variant']:24s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} "
+              f"{r['misaligned_16']:10d} {r['non_contiguous']:10d}")
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

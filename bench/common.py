@@ -42,6 +42,17 @@ class PeakRSS:
             self._thread.join()
 
 
+def release(device: str) -> None:
+    """Between two variants in one process: collect the last one's objects, return its cached CUDA memory
+    (so the next variant's peak is its own) and drop dynamo's compiled graphs. Delete the references first."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
 def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
                host: Optional[list] = None) -> tuple[list[float], float]:
     """Run ``warmup`` untimed steps, then ``steps`` timed ones: CUDA events on a GPU, the host clock on

@@ -12,7 +12,6 @@ storage offsets, shared storages.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import release  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, step_cache  # noqa: E402
 
 
@@ -73,9 +73,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int) -> d
     if cache is not None:
         cache.close()
     del model, opt, f, cache
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch._dynamo.reset()
+    release("cuda")
     return row
 
 

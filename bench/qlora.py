@@ -14,7 +14,6 @@ over the timed steps (on CPU: peak process RSS, sampled). Prints a table and wri
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import time_steps  # noqa: E402
+from bench.common import release, time_steps  # noqa: E402
 from bench.speed import MODELS as SPEED_MODELS  # noqa: E402
 
 MODELS = {
@@ -77,10 +76,7 @@ def run_arm(args, arm: str, compiled: bool) -> dict:
                trainable_params=sum(p.numel() for p in params), losses=[float(x) for x in losses],
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     del model, opt, step_fn, params
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
+    release(device)
     return res
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import time_steps  # noqa: E402
+from bench.common import release, time_steps  # noqa: E402
 
 MODELS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -175,10 +175,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
     if cache is not None:
         cache.close()  # frees its buffers (the packed codes) before the next variant measures its peak
     del model, opt, step_fn, cache, step
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
+    release(device)
     return res
 
 

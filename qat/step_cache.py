@@ -200,7 +200,8 @@ class StepCache:
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
-        (``AdamW(fused=True)``) writes the weights without bumping their version counters, so neither
+        (``AdamW(fused=True)``) and bitsandbytes' optimizers (``AdamW8bit``, their own kernels) write the
+        weights without bumping their version counters, so neither
         ``refresh_if_stale`` nor the eager forward's version check would see the step (every forward after
         the first step would train on the old ``w_hat``). After each step the caches are marked stale until
         the next ``refresh``: an eager forward before it fake-quantizes as usual; a compiled one cannot check,

@@ -30,18 +30,30 @@ def _switches_unset(monkeypatch):
         monkeypatch.delenv(key)
 
 
+def _bnb_adamw8bit(params):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=1e-2)
+
+
+# optimizers that write the weights without bumping their version counters, and the plain one that does
+OPTIMS = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+          "fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),  # _fused_adamw_
+          "bnb8": _bnb_adamw8bit}  # bitsandbytes' 8-bit AdamW: its own kernels write the weights
+
+
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
            rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
-           freeze_at=None, fused=False):
-    """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces. ``fused``:
-    fused AdamW, which the cache watches (``StepCache.watch``) as the callback does."""
+           freeze_at=None, optim="adamw"):
+    """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces. ``optim``: a
+    key of ``OPTIMS``; the cache watches the optimizer (``StepCache.watch``) as the callback does."""
     m = tiny_qat_llama(scheme, device, dtype, rules=rules, observer=observer, tie=tie, hidden=hidden, inter=inter)
     if compile:
         torch._dynamo.reset()
     fwd = torch.compile(m, backend=compile if isinstance(compile, str) else "inductor") if compile else m
     cache = StepCache(m) if cached else None
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused)
-    if cache is not None and fused:
+    opt = OPTIMS[optim](m.parameters())
+    if cache is not None and optim != "adamw":  # the plain one is left unwatched: its steps bump versions
         cache.watch(opt)
     g = torch.Generator().manual_seed(1)
     losses, grads = [], []
@@ -122,14 +134,20 @@ def test_missed_refresh_falls_back_to_fake_quant(monkeypatch):
     assert all(m._w_cache.grad is None for m in b["cache"].modules)
 
 
+@pytest.mark.parametrize("optim", ["fused", "bnb8"])
 @pytest.mark.parametrize("refresh", [True, False], ids=["refreshed", "missed refresh"])
-def test_fused_optimizer_watched(refresh):
-    """Fused AdamW leaves the weights' versions as they were: the watched step marks the caches stale, so a
-    refresh follows it, and a forward without that refresh fake-quantizes as usual; the numbers stay those of
-    the uncached run. Without ``watch`` the second step trains on the first step's ``w_hat``."""
-    a = _train(False, fused=True)
-    b = _train(True, fused=True, refresh=refresh)
-    assert_same_run(a, b, "fused")
+def test_fused_optimizer_watched(refresh, optim):
+    """Fused AdamW and bitsandbytes' 8-bit AdamW leave the weights' versions as they were: the watched step
+    marks the caches stale, so a refresh follows it, and a forward without that refresh fake-quantizes as
+    usual; the numbers stay those of the uncached run. Without ``watch`` the second step trains on the first
+    step's ``w_hat``."""
+    w = torch.nn.Parameter(torch.ones(64, 64))
+    w.grad = torch.ones(64, 64)
+    OPTIMS[optim]([w]).step()
+    assert w._version == 0 and not torch.equal(w, torch.ones(64, 64))  # what makes the case (else: torch/bnb changed)
+    a = _train(False, optim=optim)
+    b = _train(True, optim=optim, refresh=refresh)
+    assert_same_run(a, b, optim)
     # one before each of the 3 steps (or only the first) and one before the final eval forward
     assert b["cache"].refreshes == (3 + 1 if refresh else 2), b["cache"].refreshes
     m = tiny_qat_llama("q4_0", "cpu", torch.float32)
@@ -620,10 +638,10 @@ def test_packed_missed_refresh_falls_back_interpreted():
             "from test_step_cache import _train; a = _train(False); b = _train(True, refresh=False); "
             "assert_same_run(a, b, 'no refresh'); c = b['cache']; "
             "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
-            "a = _train(False, fused=True); b = _train(True, refresh=False, fused=True); "
+            "a = _train(False, optim='fused'); b = _train(True, refresh=False, optim='fused'); "
             "assert_same_run(a, b, 'fused, no refresh'); c = b['cache']; "
             "assert len(c.packed) == 14 and c.masked == 14, c.masked; "
-            "b = _train(True, fused=True); assert_same_run(a, b, 'fused'); "
+            "b = _train(True, optim='fused'); assert_same_run(a, b, 'fused'); "
             "print('missed refresh ok')")
     run_interpreted(code, "missed refresh ok")
 

@@ -95,9 +95,10 @@ def optimizer_step(opt, cache) -> None:
 
 def step_cache(model, opt):
     """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
-    ``model``: the step then calls ``flush`` before the optimizer step and ``refresh_if_stale`` after it and
-    before the forward, as ``QATCallback`` does with its default on one GPU. Otherwise None: a ``qat:`` row without the suffix is
-    fake quant in every forward (the callback with ``step_cache=False``, or under DDP/FSDP)."""
+    ``model``, watching ``opt``: the step then calls ``flush`` before the optimizer step and
+    ``refresh_if_stale`` after it and before the forward, as ``QATCallback`` does with its default on one GPU.
+    Otherwise None: a ``qat:`` row without the suffix is fake quant in every forward (the callback with
+    ``step_cache=False``, or under DDP/FSDP)."""
     if os.environ.get("QAT_STEP_CACHE") != "1":
         return None
     from qat.step_cache import StepCache

@@ -6,7 +6,7 @@ latency, not bandwidth: SmolLM2-135M has 210 of them, ~2-3 us of GPU time each p
 and its compiled QAT step stayed at 1.026x bf16's with every other cost removed (BENCHMARKS.md).
 
 Between two optimizer steps the weights do not change, so neither do ``w_hat`` and the clip mask. The step
-cache computes every covered layer's ``w_hat`` in one launch after the optimizer step, into a tensor
+cache computes every covered layer's ``w_hat`` in one launch right after the optimizer step, into a tensor
 per layer that the forward multiplies by (``FakeQuantLinear._w_cache``, a leaf that takes the gradient of
 ``w_hat``): the forward and backward graphs are then those of an unquantized model. Before the next
 optimizer step, one more launch recomputes the clip masks from the unchanged weights and stored parameters
@@ -201,9 +201,9 @@ class StepCache:
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
         (``AdamW(fused=True)``) and bitsandbytes' optimizers (``AdamW8bit``, their own kernels) write the
-        weights without bumping their version counters, so neither
-        ``refresh_if_stale`` nor the eager forward's version check would see the step (every forward after
-        the first step would train on the old ``w_hat``). After each step the caches are marked stale until
+        weights without bumping their version counters, so neither ``refresh_if_stale`` nor the eager
+        forward's version check would see the step (every forward after the first step would train on the
+        old ``w_hat``). After each step the caches are marked stale until
         the next ``refresh``: an eager forward before it fake-quantizes as usual; a compiled one cannot check,
         so ``refresh`` (or ``refresh_if_stale``) must come first, as with any change of the weights."""
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))

@@ -150,6 +150,9 @@ def test_fused_optimizer_watched(refresh, optim):
     assert_same_run(a, b, optim)
     # one before each of the 3 steps (or only the first) and one before the final eval forward
     assert b["cache"].refreshes == (3 + 1 if refresh else 2), b["cache"].refreshes
+
+
+def test_watch_marks_stale_until_refresh_and_close_unhooks():
     m = tiny_qat_llama("q4_0", "cpu", torch.float32)
     cache = StepCache(m)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,16 +25,22 @@ from bench.common import release  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, step_cache  # noqa: E402
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn, reps: int, device: str) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on a GPU, the host clock on the CPU."""
     ts = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
 
 
@@ -46,11 +53,12 @@ def grad_layout(model) -> dict:
                 shared_storage=len(g) - len({x.untyped_storage().data_ptr() for x in g}))
 
 
-def measure(model_name: str, variant: str, batch: int, seq: int, reps: int) -> dict:
-    model = build(model_name, apply_switches(variant), "cuda").train()
+def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, device: str = "cuda",
+            compiled: bool = True) -> dict:
+    model = build(model_name, apply_switches(variant), device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    f = torch.compile(model)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    f = torch.compile(model) if compiled else model
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     cache = step_cache(model, opt)
     for i in range(3):
         batch_start(cache)
@@ -62,18 +70,19 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int) -> d
             opt.zero_grad(set_to_none=True)
             if cache is not None:
                 cache.refresh_if_stale()
-    torch.cuda.synchronize()
-    row = dict(model=model_name, variant=variant, **grad_layout(model))
-    row["step_ms"] = timed(opt.step, reps)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    row = dict(model=model_name, variant=variant, compiled=compiled, **grad_layout(model))
+    row["step_ms"] = timed(opt.step, reps, device)
     for p in model.parameters():
         if p.grad is not None:
             p.grad = p.grad.clone()
-    row["step_ms_cloned_grads"] = timed(opt.step, reps)
-    row["device"] = torch.cuda.get_device_name()
+    row["step_ms_cloned_grads"] = timed(opt.step, reps, device)
+    row["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if cache is not None:
         cache.close()
     del model, opt, f, cache
-    release("cuda")
+    release(device)
     return row
 
 

@@ -186,3 +186,21 @@ def test_memory_breakdown_counts_what_fake_quant_keeps(monkeypatch):
     assert rows["qat:q4_0"]["buffers"] > base["buffers"]  # the quantizers' scales
     text = table(list(rows.values()))
     assert "qat:q4_0+recompute" in text and "peak x bf16" in text
+
+
+def test_optimizer_grads_plumbing(monkeypatch):
+    """bench/optimizer_grads.py on the tiny config, CPU, eager: the step cache's variant moved the layers'
+    gradients to the weights (the flush ran) and the bf16 one has as many; every gradient is laid out as the
+    optimizer expects; both timings are there. (Its figures need a GPU.)"""
+    from bench.optimizer_grads import measure
+    from bench.speed import SWITCHES
+
+    for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    rows = [measure("tiny", v, 2, 32, 2, device="cpu", compiled=False) for v in ("bf16", "qat:q4_0+step-cache")]
+    assert rows[0]["grads"] == rows[1]["grads"] > 0
+    for r in rows:
+        assert r["dtypes"] == ["torch.bfloat16"]  # build() makes pure bf16 weights, as the issue asks
+        assert r["non_contiguous"] == r["misaligned_16"] == r["storage_offset"] == r["shared_storage"] == 0
+        assert r["step_ms"] > 0 and r["step_ms_cloned_grads"] > 0

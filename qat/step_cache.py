@@ -196,16 +196,20 @@ class StepCache:
     def stale(self) -> bool:
         """Whether any covered weight changed (or moved), or a quantizer was switched or frozen, or a watched
         optimizer stepped, since the last ``refresh``."""
-        return self._stepped or self._versions != self._state()
+        return self._changed(self._state())
+
+    def _changed(self, state: list) -> bool:
+        """``stale()`` given ``state`` (``_state()`` now)."""
+        return self._stepped or state != self._versions
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
         (``AdamW(fused=True)``) and bitsandbytes' optimizers (``AdamW8bit``, their own kernels) write the
         weights without bumping their version counters, so neither ``refresh_if_stale`` nor the eager
         forward's version check would see the step (every forward after the first step would train on the
-        old ``w_hat``). After each step the caches are marked stale until
-        the next ``refresh``: an eager forward before it fake-quantizes as usual; a compiled one cannot check,
-        so ``refresh`` (or ``refresh_if_stale``) must come first, as with any change of the weights."""
+        old ``w_hat``). After each step the caches are marked stale until the next ``refresh``: an eager
+        forward before it fake-quantizes as usual; a compiled one cannot check, so ``refresh`` (or
+        ``refresh_if_stale``) must come first, as with any change of the weights."""
         self._hooks.append(optimizer.register_step_post_hook(self._after_step))
 
     def _after_step(self, *_) -> None:
@@ -307,8 +311,8 @@ class StepCache:
             del self._bufs[key]
 
     def refresh_if_stale(self) -> None:
-        state = self._state()
-        if self._stepped or state != self._versions:
+        state = self._state()  # once: ``_refresh`` takes it on
+        if self._changed(state):
             self._refresh(state)
 
     # -- before the optimizer reads .grad ------------------------------------------------------------------

@@ -15,33 +15,19 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release  # noqa: E402
-from bench.speed import MODELS, apply_switches, batch_start, build, step_cache  # noqa: E402
+from bench.common import release, time_steps  # noqa: E402
+from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 
 def timed(fn, reps: int, device: str) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU, the host clock on the CPU."""
-    ts = []
-    for _ in range(reps):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    """Median milliseconds of ``fn()`` over ``reps`` calls (``bench.common.time_steps``: CUDA events on a GPU,
+    the host clock on the CPU)."""
+    return statistics.median(time_steps(fn, 0, reps, device)[0])
 
 
 def grad_layout(model) -> dict:
@@ -63,13 +49,10 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, devi
     for i in range(3):
         batch_start(cache)
         f(input_ids=ids, labels=ids).loss.backward()
-        if cache is not None:
-            cache.flush()
         if i < 2:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if cache is not None:
-                cache.refresh_if_stale()
+            optimizer_step(opt, cache)
+        elif cache is not None:
+            cache.flush()  # the last step's gradients, as the optimizer would read them
     if device == "cuda":
         torch.cuda.synchronize()
     row = dict(model=model_name, variant=variant, compiled=compiled, **grad_layout(model))

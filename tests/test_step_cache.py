@@ -42,6 +42,15 @@ OPTIMS = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
           "bnb8": _bnb_adamw8bit}  # bitsandbytes' 8-bit AdamW: its own kernels write the weights
 
 
+def _assert_steps_leave_version(optim: str) -> None:
+    """What makes the fused-optimizer cases: ``OPTIMS[optim]`` changes a weight and leaves its version as it
+    was (if this fails, torch or bitsandbytes changed, and the case no longer tests what it says)."""
+    w = torch.nn.Parameter(torch.ones(64, 64))
+    w.grad = torch.ones(64, 64)
+    OPTIMS[optim]([w]).step()
+    assert w._version == 0 and not torch.equal(w, torch.ones(64, 64))
+
+
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
            rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
            freeze_at=None, optim="adamw"):
@@ -141,10 +150,7 @@ def test_fused_optimizer_watched(refresh, optim):
     marks the caches stale, so a refresh follows it, and a forward without that refresh fake-quantizes as
     usual; the numbers stay those of the uncached run. Without ``watch`` the second step trains on the first
     step's ``w_hat``."""
-    w = torch.nn.Parameter(torch.ones(64, 64))
-    w.grad = torch.ones(64, 64)
-    OPTIMS[optim]([w]).step()
-    assert w._version == 0 and not torch.equal(w, torch.ones(64, 64))  # what makes the case (else: torch/bnb changed)
+    _assert_steps_leave_version(optim)
     a = _train(False, optim=optim)
     b = _train(True, optim=optim, refresh=refresh)
     assert_same_run(a, b, optim)
@@ -277,10 +283,7 @@ def test_lightning_same_weights_fused_adamw():
     """Fused AdamW writes the weights without bumping their version counters (``_fused_adamw_``, torch 2.11-2.13),
     so the weights' versions cannot tell the cache that they changed: the optimizer's step hook does. Before
     it, every forward after the first optimizer step trained on the first step's ``w_hat``."""
-    w = torch.nn.Parameter(torch.ones(2))
-    w.grad = torch.ones(2)
-    torch.optim.AdamW([w], fused=True).step()
-    assert w._version == 0 and not torch.equal(w, torch.ones(2))  # what makes this case: if it fails, torch changed
+    _assert_steps_leave_version("fused")
     _check_fit_same_with_and_without_cache(opt_kw=dict(fused=True))
 
 

@@ -58,7 +58,8 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
     """Run ``warmup`` untimed steps, then ``steps`` timed ones: CUDA events on a GPU, the host clock on
     the CPU. Returns (milliseconds per step, peak bytes: CUDA allocated on a GPU, resident set on the CPU).
     ``host``: a list that gets each timed step's host time in ms (on a GPU: until the step's last launch was
-    queued; a host time close to the step time means the GPU waited for Python)."""
+    queued; a host time close to the step time means the GPU waited for Python). Each step ends on the
+    host when the current stream is done (on a GPU)."""
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -74,7 +75,10 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
                 step()
                 b.record()
                 t1 = time.perf_counter()
-                torch.cuda.synchronize()
+                # the current stream's end, as a training loop's loss read (``loss.item()``, Lightning's progress
+                # bar) waits for: not a side stream's work queued after it (the step cache's overlapped refresh),
+                # which the next step's kernels wait for on the device and so count in its time
+                b.synchronize()
                 times.append(a.elapsed_time(b))
             else:
                 t0 = time.perf_counter()

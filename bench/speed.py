@@ -84,13 +84,14 @@ def batch_start(cache) -> None:
 
 def optimizer_step(opt, cache) -> None:
     """The optimizer step and zero_grad; with a step cache, its ``flush`` before and ``refresh_if_stale``
-    after (the callback's ``on_train_batch_end``: the refresh's host work overlaps the optimizer's kernels)."""
+    after (the callback's ``on_train_batch_end``: the refresh's host work overlaps the optimizer's kernels, and
+    its launches go to a side stream that the next ``batch_start`` waits for; ``+no-overlap``: the current one)."""
     if cache is not None:
         cache.flush()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if cache is not None:
-        cache.refresh_if_stale()
+        cache.refresh_if_stale(overlap=True)
 
 
 def step_cache(model, opt):
@@ -117,7 +118,8 @@ SWITCHES = {
     "+recompute": ("QAT_RECOMPUTE", "1"),  # w_hat and the clip mask recomputed in the backward, not kept
     "+no-recompute": ("QAT_RECOMPUTE", "0"),  # the matmul keeps w_hat and the STE its mask until the backward
     "+step-cache": ("QAT_STEP_CACHE", "1"),  # w_hat once per optimizer step (qat/step_cache.py), as QATCallback(step_cache=True)
-    "+no-pack": ("QAT_STEP_CACHE_PACK", "0"),  # with +step-cache: large layers recompute w_hat, not unpack 4-bit codes
+    "+no-pack": ("QAT_STEP_CACHE_PACK", "0"),
+    "+no-overlap": ("QAT_STEP_CACHE_OVERLAP", "0"),  # with +step-cache: the refresh on the current stream, not a side one  # with +step-cache: large layers recompute w_hat, not unpack 4-bit codes
     "+compile-group": ("QAT_COMPILE_GROUP", "1"),  # compiled: every layer's fake quant in one op (kernels/batch.py)
 }
 

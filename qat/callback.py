@@ -57,6 +57,11 @@ class QATCallback(L.Callback):
             faster and checked bitwise: weights on a GPU, Lightning's single-device strategy, automatic
             optimization. Never under DDP/FSDP/DeepSpeed, even on one device (they collect the gradients of
             the weights the forward uses as the backward computes them; True warns and runs without it).
+            The refresh after each optimizer step runs on a side stream on CUDA, overlapping the next batch's
+            host work; every hook of this callback that precedes a forward or a read of the quantizers
+            waits for it (``QAT_STEP_CACHE_OVERLAP=0``: on the current stream). A hook of your own that
+            runs a *compiled* forward in ``on_train_batch_end`` calls ``wait_for_step_cache()`` first;
+            eager forwards need nothing (they fake-quantize as usual until the wait).
     """
 
     def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
@@ -173,13 +178,29 @@ class QATCallback(L.Callback):
         if self._cache is not None:
             # right after the optimizer step, while the device still runs it: the refresh's host work (~2 ms on
             # the H200 machine's CPU for the ~1B Llama) hides behind the optimizer's kernels. At the next batch's
-            # start instead, the idle GPU could pack during the hooks and guards, but that host work then came
-            # first: the compiled step measured no faster (BENCHMARKS.md, session 14)
+            # start instead, that host work came first: the compiled step measured no faster (BENCHMARKS.md,
+            # session 14). Its launches go to a side stream (``overlap``): the loss read that ends the step
+            # (the progress bar's) does not wait for them, and they run while the GPU would idle in the next
+            # batch's hooks and dynamo's guards; the next batch's start waits for them on the device (session 15)
             self._apply_schedule(pl_module, trainer.global_step)
-            self._cache.refresh_if_stale()
+            self._cache.refresh_if_stale(overlap=True)
         step = trainer.global_step
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
+            if self._cache is not None:
+                self._cache.wait()  # the refresh writes the quantizers' parameters the table reads
             self.log_layer_errors(trainer, pl_module)
+
+    def wait_for_step_cache(self) -> None:
+        """The current CUDA stream waits (on the device) for the step cache's refresh after the last optimizer
+        step; nothing when there is no cache or nothing pending."""
+        if self._cache is not None:
+            self._cache.wait()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._cache is not None:
+            # before the state dict is copied (ModelCheckpoint saves from its on_train_batch_end, after ours):
+            # the quantizers' buffers an overlapped refresh writes
+            self._cache.wait()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._quantizers = None

@@ -35,17 +35,20 @@ leaves them to recompute fake quant. Other large layers recompute as before.
 
 Who calls it: ``QATCallback`` on one GPU by default (a weight the forward does not use gets no gradient from
 DDP's reducer, so never under DDP/FSDP); it refreshes right after the optimizer step (the refresh's host work
-overlaps the optimizer's kernels) and checks again at every batch's start, and it flushes after every
-backward, before clipping and before fp16's GradScaler unscales. In a plain loop::
+overlaps the optimizer's kernels, its launches a side stream: ``refresh(overlap=True)``) and checks again, and
+waits for that stream, at every batch's start; it flushes after every backward, before clipping and before
+fp16's GradScaler unscales. In a plain loop::
 
     cache = StepCache(model)
     cache.watch(opt)               # fused optimizers change the weights without bumping their versions
     cache.refresh()
     for batch in data:
+        cache.refresh_if_stale()   # also waits for the refresh below (on the device: no host sync)
         loss = model(batch); loss.backward()
         cache.flush()              # before anything reads .grad (clipping, the optimizer); per micro-batch is fine
         opt.step(); opt.zero_grad()
-        cache.refresh_if_stale()   # after every change of the weights (here: the optimizer step)
+        cache.refresh_if_stale(overlap=True)  # after every change of the weights (here: the optimizer step)
+    cache.wait()                   # before anything else reads the caches or the quantizers' buffers
     cache.close()
 
 A layer whose weight changed since the last ``refresh`` (eager: ``weight._version``) ignores its cache and
@@ -173,6 +176,11 @@ class StepCache:
         self.moved = 0  # gradients ``flush`` moved to weights, in total
         self._stepped = False  # an optimizer ``watch`` watches stepped since the last refresh
         self._hooks: list = []
+        # an overlapped refresh (``refresh(overlap=True)``) not yet waited for: (the event its side stream
+        # records when done, or None off CUDA; the version assignments that let the eager forwards use it)
+        self._pending: Optional[tuple] = None
+        self._side: Optional[torch.cuda.Stream] = None  # the side stream overlapped refreshes run on (CUDA)
+        self.overlapped = 0  # refreshes that ran on the side stream
 
     # -- which layers use their cache this step ---------------------------------------------------------
     @staticmethod
@@ -214,6 +222,8 @@ class StepCache:
 
     def _after_step(self, *_) -> None:
         self._stepped = True
+        if self._pending is not None:  # an overlapped refresh of the weights before this step: its marks are stale
+            self._pending = (self._pending[0], [])
         for m in self.modules:
             m.__dict__["_w_cache_version"] = -1  # no version a weight has: the eager forward ignores the cache
         for m in self.packed:
@@ -221,18 +231,99 @@ class StepCache:
                 m._w_packed.version = -1
 
     # -- after every change of the weights ------------------------------------------------------------------
-    def refresh(self) -> None:
+    def refresh(self, overlap: bool = False) -> None:
         """Every live layer's ``w_hat`` into its cache (and, as a forward would, the observer's parameters
-        into its buffers)."""
-        self._refresh(self._state())
+        into its buffers).
+
+        ``overlap=True``: on CUDA the launches go to a side stream, after the work queued so far on the
+        current one, and nothing on the current stream waits for them until ``wait()`` (or a later
+        ``refresh_if_stale()``/``flush``/``close``). Meant for right after the optimizer step: a training
+        loop syncs the current stream at the step's end (Lightning's progress bar reads the loss), and the
+        next step's host work (its hooks, dynamo's guards) leaves the GPU idle for ~1-2 ms, in which the
+        refresh runs instead of on the critical path. Until ``wait()`` the eager forwards ignore the caches
+        (fake quant as usual, the same numbers: their version marks are set at ``wait()``); a compiled
+        forward cannot check, so ``wait()`` must come before it, and before anything reads the quantizers'
+        buffers (the refresh writes the dynamic rule's parameters there). Off CUDA the refresh runs at once
+        and only the marks wait."""
+        self._refresh(self._state(), overlap)
 
     @torch.no_grad()
-    def _refresh(self, state: list) -> None:
+    def _refresh(self, state: list, overlap: bool = False) -> None:
         """``refresh`` from ``state`` (``_state()`` now; refresh changes no weight, so also the state after it)."""
+        self._wait(mark=False)  # an earlier overlapped refresh: ordered before this one, its marks superseded
         layout = [s[1:] for s in state]  # where the weights are and which train, not their versions
-        if layout != self._layout:
+        replanned = layout != self._layout
+        if replanned:
             self._plan, self._layout, self._flush_groups = self._make_plan(), layout, {}
         live, groups, packed_groups = self._plan
+        # a side stream only when nothing is allocated for good: a new plan's caches and buffers come from the
+        # current stream's pool (the caching allocator keeps blocks per stream)
+        side = self._side_stream() if overlap and not replanned else None
+        if overlap and not self._stepped:
+            # the weights' versions may be those the eager forwards' marks hold (a refresh without a step): until
+            # ``wait()`` they must not read what the side stream writes. After a watched step ``_after_step`` did this
+            self._after_step()
+            self._stepped = False
+        if side is None:
+            marks = self._launch_refresh(live, groups, packed_groups)
+            event = None
+        else:
+            main = torch.cuda.current_stream(side.device)
+            side.wait_stream(main)  # the optimizer's writes to the weights first
+            n_tables = len(self._tables)
+            with torch.cuda.stream(side):
+                marks = self._launch_refresh(live, groups, packed_groups)
+            if len(self._tables) != n_tables:  # a launch table built on the side stream: the current one reads it too
+                for tab in list(self._tables.values())[n_tables:]:
+                    for t in tab:
+                        if isinstance(t, Tensor) and t.is_cuda:
+                            t.record_stream(main)
+            event = side.record_event()
+            self.overlapped += 1
+        if overlap:
+            self._pending = (event, marks)
+        else:
+            self._mark(marks)
+        self._versions, self._stepped = state, False
+        self.refreshes += 1
+
+    def _side_stream(self) -> Optional[torch.cuda.Stream]:
+        if os.environ.get("QAT_STEP_CACHE_OVERLAP", "") == "0" or not self._layout:
+            return None
+        w = _w((self.modules + self.packed)[0])
+        if not w.is_cuda:
+            return None
+        if self._side is None or self._side.device != w.device:
+            self._side = torch.cuda.Stream(w.device)
+        return self._side
+
+    @staticmethod
+    def _mark(marks: list) -> None:
+        """Let the eager forwards use the caches: each its weight's version when the refresh read it."""
+        for m, version in marks:
+            if isinstance(m, _Packed):
+                m.version = version
+            else:
+                # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
+                m.__dict__["_w_cache_version"] = version
+
+    def wait(self) -> None:
+        """After ``refresh(overlap=True)``: the current stream waits for the refresh (no host sync), and the
+        eager forwards use the caches again. Nothing to do when no refresh is pending."""
+        self._wait(mark=True)
+
+    def _wait(self, mark: bool) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        event, marks = pending
+        if event is not None:
+            torch.cuda.current_stream(self._side.device).wait_event(event)
+        if mark:
+            self._mark(marks)
+
+    def _launch_refresh(self, live: list, groups: list, packed_groups: list) -> list:
+        """The refresh's launches; returns its version marks: (module or ``_Packed``, the weight's version)."""
         for group, fused in groups:
             fmt = _q(group[0]).fmt
             if _is_kquant(fmt):
@@ -251,12 +342,8 @@ class StepCache:
                     q, w = _q(m), _w(m)
                     q.observe(w)
                     m._w_cache.copy_(ste_forward(w, q.fmt, q.scale, q.zero)[0])
-        for m in live:
-            # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
-            m.__dict__["_w_cache_version"] = _w(m)._version
-        self._refresh_packed(packed_groups)
-        self._versions, self._stepped = state, False
-        self.refreshes += 1
+        marks = [(m, _w(m)._version) for m in live]
+        return marks + self._refresh_packed(packed_groups)
 
     def _make_plan(self) -> tuple:
         """``(live layers, their launch groups, the live packed layers' groups)`` for the current layout: a
@@ -270,9 +357,10 @@ class StepCache:
                 m._w_cache = torch.empty_like(w, memory_format=torch.contiguous_format).requires_grad_(True)
         return live, self._groups(live), self._groups(self._live(self.packed, "_w_packed"))
 
-    def _refresh_packed(self, groups: list) -> None:
-        """Every live packed layer's codes, stored parameters and clip bits, one launch per group."""
-        used = set()
+    def _refresh_packed(self, groups: list) -> list:
+        """Every live packed layer's codes, stored parameters and clip bits, one launch per group; returns the
+        version marks of their ``_Packed`` (``_launch_refresh``)."""
+        used, marks = set(), []
         for group, fused in groups:
             fmt, w0 = _q(group[0]).fmt, _w(group[0])
             if not fused:  # no Triton here, or a weight the kernel does not take: fake quant as usual
@@ -305,15 +393,20 @@ class StepCache:
                 pk = m._w_packed
                 if pk is None or pk.buf is not buf or pk.b_off != start // block:
                     pk = m._w_packed = _Packed(buf, start // block, n // block, fmt)
-                pk.version = w._version
+                marks.append((pk, w._version))
                 start += n
         for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
             del self._bufs[key]
+        return marks
 
-    def refresh_if_stale(self) -> None:
+    def refresh_if_stale(self, overlap: bool = False) -> None:
+        """``refresh`` if ``stale()``. Without ``overlap``, also ``wait()`` for an overlapped refresh still
+        pending: after it, the caches are ready for any forward."""
         state = self._state()  # once: ``_refresh`` takes it on
         if self._changed(state):
-            self._refresh(state)
+            self._refresh(state, overlap)
+        if not overlap:
+            self.wait()
 
     # -- before the optimizer reads .grad ------------------------------------------------------------------
     @torch.no_grad()
@@ -321,6 +414,7 @@ class StepCache:
         """``weight.grad (+)= mask * grad(w_hat)`` for every layer whose cache took a gradient; and the packed
         layers' ``weight.grad *= mask`` (their graph's STE is the identity), one launch per group. Masking the
         same sum again (a later micro-batch, a second flush) changes nothing: the mask is 0 or 1."""
+        self.wait()  # the clip bits and parameters of an overlapped refresh
         took = [m for m in self.modules if m._w_cache is not None and m._w_cache.grad is not None]
         key = tuple(map(id, took))
         groups = self._flush_groups.get(key)
@@ -372,6 +466,7 @@ class StepCache:
 
     def close(self) -> None:
         """Back to fake quant in every forward (frees the caches)."""
+        self._wait(mark=False)  # the buffers go back to the allocator: after the work queued on them
         for m in self.modules:
             m._w_cache = None
         for m in self.packed:

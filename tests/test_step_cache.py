@@ -53,9 +53,11 @@ def _assert_steps_leave_version(optim: str) -> None:
 
 def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=torch.float32, autocast=False,
            rules=None, observer="dynamic", tie=False, start_step=0, compile=False, refresh=True, hidden=64, inter=128,
-           freeze_at=None, optim="adamw"):
+           freeze_at=None, optim="adamw", overlap=False):
     """A tiny Llama, a few AdamW steps (``accum`` micro-batches each); everything a step produces. ``optim``: a
-    key of ``OPTIMS``; the cache watches the optimizer (``StepCache.watch``) as the callback does."""
+    key of ``OPTIMS``; the cache watches the optimizer (``StepCache.watch``) as the callback does. ``overlap``:
+    as the callback, an overlapped refresh right after each optimizer step too (``refresh_if_stale`` at the
+    next batch's start then waits for it)."""
     m = tiny_qat_llama(scheme, device, dtype, rules=rules, observer=observer, tie=tie, hidden=hidden, inter=inter)
     if compile:
         torch._dynamo.reset()
@@ -83,6 +85,13 @@ def _train(cached: bool, scheme="q4_0", device="cpu", steps=3, accum=1, dtype=to
         grads.append({n: p.grad.detach().cpu().clone() for n, p in m.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()
+        if cache is not None and overlap and refresh:
+            # the callback's on_train_batch_end: the next step's schedule first (a freeze must keep the
+            # parameters of the weights the last forward saw, not those the refresh would compute), then the refresh
+            qat.set_fake_quant_enabled(m, step + 1 >= start_step)
+            if step + 1 == freeze_at:
+                qat.freeze_observers(m)
+            cache.refresh_if_stale(overlap=True)
     if cache is not None:
         cache.refresh_if_stale()
     with torch.no_grad():
@@ -126,12 +135,57 @@ def _check(device: str, names=tuple(CASES), **extra) -> None:
             # gradients came through the caches
             assert b["cache"].moved == covered * (steps - kw.get("start_step", 0)), (name, b["cache"].moved)
             assert b["cache"].refreshes == steps + 1, (name, b["cache"].refreshes)
+            # on CUDA the overlapped ones run on the side stream (not the first, nor one after a new plan)
+            assert (b["cache"].overlapped > 0) == (bool(kw.get("overlap")) and device == "cuda"), name
             kq = {mod.weight_fake_quant.fmt.name for mod in b["cache"].modules if "_k" in mod.weight_fake_quant.fmt.name}
             assert bool(kq) == ("_k_" in name), (name, kq)  # the mix's k-quant layers are covered too
 
 
 def test_same_numbers_as_fake_quant_every_forward():
     _check("cpu")
+
+
+def test_overlapped_refresh_same_numbers():
+    """The callback's order: the refresh right after each optimizer step (``overlap=True``), its wait at the
+    next batch's start. Bitwise the run without the cache (on the CPU the refresh runs at once; its version
+    marks wait)."""
+    _check("cpu", overlap=True)
+
+
+def test_overlapped_refresh_eager_forward_ignores_the_cache_until_wait():
+    """Between ``refresh(overlap=True)`` and ``wait()`` the side stream may still be writing the caches: an eager
+    forward must not read them. Poisoned caches show which forward reads them: before the wait the logits are
+    fake quant's, after it the poison's. A fused optimizer step between the two drops the marks."""
+    m = tiny_qat_llama("q4_0", "cpu", torch.float32)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+    cache = StepCache(m)
+    cache.refresh()
+    assert all(mod._w_cache_version == mod.weight._version for mod in cache.modules)
+    cache.refresh(overlap=True)  # no step between: the marks the last refresh set must not stay valid
+    assert all(mod._w_cache_version == -1 for mod in cache.modules)
+    with torch.no_grad():
+        for mod in cache.modules:
+            mod._w_cache.fill_(float("nan"))
+        assert torch.equal(m(input_ids=ids).logits, want)
+        cache.wait()
+        assert all(mod._w_cache_version == mod.weight._version for mod in cache.modules)
+        assert m(input_ids=ids).logits.isnan().all()
+    cache.refresh()
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids).logits, want)
+    opt = OPTIMS["fused"](m.parameters())
+    cache.watch(opt)
+    m(input_ids=ids, labels=ids).loss.backward()
+    cache.flush()
+    cache.refresh(overlap=True)
+    opt.step()  # leaves the versions as they were: only the hook tells
+    cache.wait()
+    assert all(mod._w_cache_version == -1 for mod in cache.modules) and cache.stale()
+    cache.refresh_if_stale()
+    assert not cache.stale() and all(mod._w_cache_version == mod.weight._version for mod in cache.modules)
+    cache.close()
 
 
 def test_missed_refresh_falls_back_to_fake_quant(monkeypatch):
@@ -248,7 +302,7 @@ def _check_fit_same_with_and_without_cache(cached=True, **kw) -> None:
     caches are freed at the end, and the final state and validation loss are bitwise the uncached run's."""
     a, _, ta = _fit(False, **kw)
     assert a.opt_kw == kw.get("opt_kw", {})
-    seen = []
+    seen, overlapped = [], []
     orig_backward, orig_step = QATCallback.on_after_backward, QATCallback.on_before_optimizer_step
 
     def after_backward(self, trainer, module):
@@ -260,6 +314,7 @@ def _check_fit_same_with_and_without_cache(cached=True, **kw) -> None:
         before = self._cache.moved
         orig_step(self, trainer, module, opt)
         seen.append(("step", self._cache.moved - before))
+        overlapped.append(self._cache.overlapped)
 
     QATCallback.on_after_backward, QATCallback.on_before_optimizer_step = after_backward, before_step
     try:
@@ -268,6 +323,9 @@ def _check_fit_same_with_and_without_cache(cached=True, **kw) -> None:
         QATCallback.on_after_backward, QATCallback.on_before_optimizer_step = orig_backward, orig_step
     moved = [("backward", 0)] * 2 + [("step", 0)] + ([("backward", 14)] * 2 + [("step", 0)]) * 3
     assert seen == moved, seen
+    # on a GPU the refresh after an optimizer step ran on the side stream (after step 2: those after steps 1 and
+    # 3 follow the switch-on and the freeze, a new plan each)
+    assert (overlapped[-1] > 0) == (kw.get("accelerator") == "gpu"), overlapped
     assert cb._cache is None and all(m._w_cache is None for m in b.modules() if isinstance(m, FakeQuantLinear))
     sa, sb = a.state_dict(), b.state_dict()
     bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
@@ -478,6 +536,15 @@ def test_traced_by_dynamo_same_numbers_no_recompiles(name):
 
 
 @pytest.mark.gpu
+def test_overlapped_refresh_cuda():
+    """The refresh on its side stream (``_check`` asserts it ran there): eager, bitwise the run without the
+    cache; packed (every layer large), eager and compiled."""
+    _check("cuda", overlap=True)
+    _packed_checks("cuda", overlap=True)
+    _packed_checks("cuda", compile="inductor", overlap=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_lightning_cuda_default_same_weights(precision):
     """The callback on one GPU with its default (the cache on; the kernel path: one launch per format and
@@ -521,7 +588,7 @@ PACKED_CASES["q4_0 attention, q4_1 mlp"] = dict(scheme="q4_0", rules={"*mlp.*": 
 INDUCTOR_CASES = ("q4_0 autocast bf16", "q4_1 bf16 weights")
 
 
-def _packed_checks(device: str, compile=False) -> None:
+def _packed_checks(device: str, compile=False, **train_kw) -> None:
     """Every layer taken as large (``QAT_RECOMPUTE=1``): the 4-bit ones keep codes, parameters and clip bits
     for the step, unpack ``w_hat`` in the forward and again in the backward, and ``flush`` applies the STE's
     mask to their weights' gradients. Bitwise the uncached eager run, eager or through dynamo and AOTAutograd
@@ -537,6 +604,7 @@ def _packed_checks(device: str, compile=False) -> None:
     os.environ["QAT_RECOMPUTE"] = "1"
     try:
         for name, kw in PACKED_CASES.items():
+            kw = dict(kw, **train_kw)
             if compile == "aot_eager" and kw.get("dtype") == torch.bfloat16:
                 continue  # the traced bf16 graphs differ from eager outside fake quant (the q8_0 case, unpacked)
             if compile == "inductor" and name not in INDUCTOR_CASES:
@@ -549,6 +617,8 @@ def _packed_checks(device: str, compile=False) -> None:
             cache = b["cache"]
             n_lin = sum(isinstance(mod, FakeQuantLinear) for mod in b["model"].modules())
             assert cache.modules == [], name
+            # overlapped on CUDA: on the side stream (not the first refresh, nor one after a new plan)
+            assert (cache.overlapped > 0) == (bool(kw.get("overlap")) and device == "cuda" and "q8_0" not in name), name
             if "q8_0" in name:
                 assert cache.packed == [] and cache.masked == 0, name
             else:
@@ -591,6 +661,14 @@ def test_packed_cache_interpreted():
     from conftest import run_interpreted
 
     run_interpreted("from test_step_cache import _packed_checks; _packed_checks('cpu')", "packed cache checks passed")
+
+
+def test_packed_cache_overlapped_interpreted():
+    """The callback's order (``_train(overlap=True)``): the packed layers' version marks wait for ``wait()``."""
+    from conftest import run_interpreted
+
+    run_interpreted("from test_step_cache import _packed_checks; _packed_checks('cpu', overlap=True)",
+                    "packed cache checks passed")
 
 
 def test_packed_cache_traced_interpreted():

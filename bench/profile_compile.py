@@ -44,7 +44,7 @@ def main():
         t0 = time.perf_counter()
         step()
         t1 = time.perf_counter()
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()  # as bench/speed.py: the current stream (a side stream's refresh runs on)
         t.append((t1 - t0, time.perf_counter() - t0))
     m1 = torch.cuda.memory_stats()
     print("allocator over 5 steps:", {k: m1.get(k, 0) - m0.get(k, 0) for k in keys})
@@ -54,7 +54,9 @@ def main():
         for _ in range(3):
             with torch.profiler.record_function("qat_step"):
                 step()
-            torch.cuda.synchronize()  # as bench/speed.py times it: every step starts on an idle GPU
+            # as bench/speed.py times it: the current stream's end, so every step starts on an idle current
+            # stream (the step cache's overlapped refresh may still run on its side stream)
+            torch.cuda.current_stream().synchronize()
     ka = prof.key_averages()
     print(ka.table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=70))
     print(ka.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))

@@ -270,11 +270,11 @@ class StepCache:
         else:
             main = torch.cuda.current_stream(side.device)
             side.wait_stream(main)  # the optimizer's writes to the weights first
-            n_tables = len(self._tables)
+            had = {id(tab) for tab in self._tables.values()}
             with torch.cuda.stream(side):
                 marks = self._launch_refresh(live, groups, packed_groups)
-            if len(self._tables) != n_tables:  # a launch table built on the side stream: the current one reads it too
-                for tab in list(self._tables.values())[n_tables:]:
+            for tab in self._tables.values():  # a launch table built on the side stream: flush reads it on this one
+                if id(tab) not in had:
                     for t in tab:
                         if isinstance(t, Tensor) and t.is_cuda:
                             t.record_stream(main)

@@ -2,7 +2,8 @@
 ``bench/speed.py`` JSON file against the bf16 row run just before it (same file, model, mode, batch, sequence
 length and card), at the issue's settings (seq 2048; batch 8 for SmolLM2, 4 for the ~1B config), one point
 per pair, colored by card, with the goal of its mode (compiled 1.02x, eager 1.2x). Prints the medians per
-(model, mode, variant, card) and writes them as JSON.
+(model, mode, variant, card), all pairs and those from session ``RECENT`` on (filled points), and writes them
+as JSON.
 
     python bench/plot_speed.py [FILES ...] [--variants qat:q4_0+step-cache,...] [--out bench/results/speed_ratios.png]
 """
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = {"smollm2": 8, "llama1b": 4}  # the issue's settings, seq 2048
 GOAL = {True: 1.02, False: 1.2}  # compiled, eager
 DEFAULT_VARIANTS = "qat:q4_0+step-cache,qat:q4_k_m+step-cache,torchao"  # the callback's default path, and torchao
-RECENT = 11  # files of this session on: filled points (earlier sessions' code: hollow)
+RECENT = 15  # files of this session on (the step cache's overlapped refresh): filled points, and medians of their own
 
 
 def card(device: str) -> str:
@@ -77,12 +78,16 @@ def main() -> None:
     print(f"{'model':8s} {'mode':8s} {'variant':24s} {'card':5s} {'pairs':>5s} {'median':>7s} {'min':>6s} {'max':>6s}")
     for k in cats:
         for c in sorted({r["card"] for r in groups[k]}):
-            rs = [r["ratio"] for r in groups[k] if r["card"] == c]
-            row = dict(model=k[0], compiled=k[1], variant=k[2], card=c, pairs=len(rs),
-                       median=statistics.median(rs), min=min(rs), max=max(rs))
-            summary.append(row)
-            print(f"{k[0]:8s} {'compile' if k[1] else 'eager':8s} {k[2]:24s} {c:5s} {len(rs):5d} "
-                  f"{row['median']:7.3f} {row['min']:6.3f} {row['max']:6.3f}")
+            for since in (None, RECENT):
+                rs = [r["ratio"] for r in groups[k] if r["card"] == c and (since is None or (r["session"] or 0) >= since)]
+                if not rs:
+                    continue
+                row = dict(model=k[0], compiled=k[1], variant=k[2], card=c, since_session=since, pairs=len(rs),
+                           median=statistics.median(rs), min=min(rs), max=max(rs))
+                summary.append(row)
+                label = k[2] if since is None else f"  from session {since}"
+                print(f"{k[0]:8s} {'compile' if k[1] else 'eager':8s} {label:24s} {c:5s} {len(rs):5d} "
+                      f"{row['median']:7.3f} {row['min']:6.3f} {row['max']:6.3f}")
 
     import matplotlib
     matplotlib.use("Agg")

@@ -337,6 +337,52 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
     _check_fit_same_with_and_without_cache()
 
 
+def test_lightning_overlapped_refresh_waited_for():
+    """The callback refreshes with ``overlap=True`` after each optimizer step: a hook after its
+    ``on_train_batch_end`` finds the refresh pending (the eager forwards' marks not yet set), the next batch's
+    start and a checkpoint save wait for it, and ``wait_for_step_cache`` does too."""
+    seen = []
+
+    class _Probe(L.Callback):  # after QATCallback in the list: its hooks run after the callback's
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            cb = trainer.callbacks[0]
+            pending = cb._cache._pending is not None
+            if pending and trainer.global_step == 2:  # not every step: the next start must do its own wait
+                trainer.save_checkpoint(self.dir / f"step{trainer.global_step}.ckpt")
+                seen.append(("saved", cb._cache._pending is None))
+            seen.append(("end", pending))
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            cb = trainer.callbacks[0]
+            if cb._cache is not None:
+                seen.append(("start", cb._cache._pending is None))
+
+    import tempfile
+    from pathlib import Path
+
+    probe = _Probe()
+    with tempfile.TemporaryDirectory() as d:
+        probe.dir = Path(d)
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.DataLoader(torch.randint(0, 256, (16, 16), generator=g), batch_size=4)
+        cb = QATCallback("q4_0", step_cache=True, log_every_n_steps=0)
+        t = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", callbacks=[cb, probe])
+        t.fit(_LM(), data)
+    # every step: the refresh pending after the callback's hook; done after the save and at every next start
+    assert seen.count(("end", True)) == 3 and seen.count(("saved", True)) == 1, seen
+    assert seen.count(("start", True)) == 3 and ("start", False) not in seen, seen
+    m = tiny_qat_llama("q4_0", "cpu", torch.float32)
+    cb = QATCallback("q4_0")
+    cb.wait_for_step_cache()  # no cache: nothing to do
+    cb._cache = StepCache(m)
+    cb._cache.refresh(overlap=True)
+    assert cb._cache._pending is not None
+    cb.wait_for_step_cache()
+    assert cb._cache._pending is None
+    assert all(mod._w_cache_version == mod.weight._version for mod in cb._cache.modules)
+
+
 def test_lightning_same_weights_fused_adamw():
     """Fused AdamW writes the weights without bumping their version counters (``_fused_adamw_``, torch 2.11-2.13),
     so the weights' versions cannot tell the cache that they changed: the optimizer's step hook does. Before

@@ -202,6 +202,10 @@ class QATCallback(L.Callback):
             # the quantizers' buffers an overlapped refresh writes
             self._cache.wait()
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._cache is not None:
+            self._cache.wait()  # whatever runs next on the current stream (an export, say) comes after the refresh
+
     def on_train_end(self, trainer, pl_module) -> None:
         self._quantizers = None
         if self._cache is not None:

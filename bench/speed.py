@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, time_steps  # noqa: E402
+from bench.common import release, time_pipelined, time_steps  # noqa: E402
 
 MODELS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -175,6 +175,8 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
                ms_per_step=ms, host_ms_per_step=statistics.median(host),
                tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    if getattr(args, "pipelined", False):
+        res["ms_pipelined"] = time_pipelined(step, args.steps, device)
     if cache is not None:
         cache.close()  # frees its buffers (the packed codes) before the next variant measures its peak
     del model, opt, step_fn, cache, step
@@ -193,6 +195,9 @@ def main() -> None:
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--rounds", type=int, default=0,
                    help="then time all variants again, interleaved, in this many rounds (memory stays from the sequential pass)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="also time --steps steps queued back to back with one sync at the end (ms_pipelined: a "
+                        "loop that never reads the loss; ms/step ends every step on the host, as one that does)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
@@ -250,8 +255,11 @@ def main() -> None:
             rt = r["ms_per_step"] / base["ms_per_step"] if base else float("nan")
             rm = r["peak_gib"] / base["peak_gib"] if base else float("nan")
             hm = r.get("host_ms_per_step", float("nan"))
+            pipe = ""
+            if "ms_pipelined" in r and base and "ms_pipelined" in base:
+                pipe = f"   pipelined {r['ms_pipelined']:.1f} ms, {r['ms_pipelined'] / base['ms_pipelined']:.3f}x"
             print(f"{mode:8} {r['variant']:26} {r['ms_per_step']:9.1f} {rt:7.3f} {hm:8.1f} {r['tokens_per_s']:10.0f} "
-                  f"{r['peak_gib']:9.2f} {rm:7.3f}")
+                  f"{r['peak_gib']:9.2f} {rm:7.3f}{pipe}")
 
 
 if __name__ == "__main__":

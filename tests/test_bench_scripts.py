@@ -204,3 +204,22 @@ def test_optimizer_grads_plumbing(monkeypatch):
         assert r["dtypes"] == ["torch.bfloat16"]  # build() makes pure bf16 weights, as the issue asks
         assert r["non_contiguous"] == r["misaligned_16"] == r["storage_offset"] == r["shared_storage"] == 0
         assert r["step_ms"] > 0 and r["step_ms_cloned_grads"] > 0
+
+
+def test_speed_pipelined_plumbing(monkeypatch):
+    """bench/speed.py's ``--pipelined`` on the tiny config, CPU, eager: each row gets ``ms_pipelined`` (steps
+    queued back to back, one sync) beside the per-step timing, for bf16 and the step cache's variant; without
+    the flag, no such field. (Its figures need a GPU.)"""
+    import argparse
+
+    from bench.speed import SWITCHES, run_variant
+
+    for key, _ in SWITCHES.values():  # run_variant() sets its variant's switches; monkeypatch restores them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    args = argparse.Namespace(model="tiny", batch=2, seq=32, warmup=1, steps=2, pipelined=True)
+    rows = [run_variant(args, v, compiled=False) for v in ("bf16", "qat:q4_0+step-cache")]
+    for r in rows:
+        assert r["ms_pipelined"] > 0 and r["ms_per_step"] > 0 and r["device"] == "cpu"
+    args.pipelined = False
+    assert "ms_pipelined" not in run_variant(args, "bf16", compiled=False)

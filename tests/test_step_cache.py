@@ -337,10 +337,10 @@ def test_lightning_same_weights_with_clipping_accumulation_validation_and_freezi
     _check_fit_same_with_and_without_cache()
 
 
-def test_lightning_overlapped_refresh_waited_for():
+def test_lightning_overlapped_refresh_waited_for(tmp_path):
     """The callback refreshes with ``overlap=True`` after each optimizer step: a hook after its
-    ``on_train_batch_end`` finds the refresh pending (the eager forwards' marks not yet set), the next batch's
-    start and a checkpoint save wait for it, and ``wait_for_step_cache`` does too."""
+    ``on_train_batch_end`` finds the refresh pending, the next batch's start and a checkpoint save wait for it,
+    and ``wait_for_step_cache`` does too (and sets the eager forwards' marks)."""
     seen = []
 
     class _Probe(L.Callback):  # after QATCallback in the list: its hooks run after the callback's
@@ -357,18 +357,15 @@ def test_lightning_overlapped_refresh_waited_for():
             if cb._cache is not None:
                 seen.append(("start", cb._cache._pending is None))
 
-    import tempfile
-    from pathlib import Path
-
     probe = _Probe()
-    with tempfile.TemporaryDirectory() as d:
-        probe.dir = Path(d)
-        g = torch.Generator().manual_seed(0)
-        data = torch.utils.data.DataLoader(torch.randint(0, 256, (16, 16), generator=g), batch_size=4)
-        cb = QATCallback("q4_0", step_cache=True, log_every_n_steps=0)
-        t = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", callbacks=[cb, probe])
-        t.fit(_LM(), data)
+    probe.dir = tmp_path
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.DataLoader(torch.randint(0, 256, (16, 16), generator=g), batch_size=4)
+    cb = QATCallback("q4_0", step_cache=True, log_every_n_steps=0)
+    t = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu", callbacks=[cb, probe])
+    t.fit(_LM(), data)
+    assert (tmp_path / "step2.ckpt").exists()
     # every step: the refresh pending after the callback's hook; done after the save and at every next start
     assert seen.count(("end", True)) == 3 and seen.count(("saved", True)) == 1, seen
     assert seen.count(("start", True)) == 3 and ("start", False) not in seen, seen

@@ -180,6 +180,7 @@ class StepCache:
         # records when done, or None off CUDA; the version assignments that let the eager forwards use it)
         self._pending: Optional[tuple] = None
         self._side: Optional[torch.cuda.Stream] = None  # the side stream overlapped refreshes run on (CUDA)
+        self._side_device: Optional[torch.device] = None  # the covered weights' one device (set with each plan)
         self.overlapped = 0  # refreshes that ran on the side stream
 
     # -- which layers use their cache this step ---------------------------------------------------------
@@ -255,6 +256,9 @@ class StepCache:
         replanned = layout != self._layout
         if replanned:
             self._plan, self._layout, self._flush_groups = self._make_plan(), layout, {}
+            # a side stream is one device's: only when every covered weight is on that one CUDA device
+            devices = {_w(m).device for m in self.modules + self.packed}
+            self._side_device = devices.pop() if len(devices) == 1 else None
         live, groups, packed_groups = self._plan
         # a side stream only when nothing is allocated for good: a new plan's caches and buffers come from the
         # current stream's pool (the caching allocator keeps blocks per stream)
@@ -288,13 +292,11 @@ class StepCache:
         self.refreshes += 1
 
     def _side_stream(self) -> Optional[torch.cuda.Stream]:
-        if os.environ.get("QAT_STEP_CACHE_OVERLAP", "") == "0" or not self._layout:
+        dev = self._side_device
+        if os.environ.get("QAT_STEP_CACHE_OVERLAP", "") == "0" or dev is None or dev.type != "cuda":
             return None
-        w = _w((self.modules + self.packed)[0])
-        if not w.is_cuda:
-            return None
-        if self._side is None or self._side.device != w.device:
-            self._side = torch.cuda.Stream(w.device)
+        if self._side is None or self._side.device != dev:
+            self._side = torch.cuda.Stream(dev)
         return self._side
 
     @staticmethod

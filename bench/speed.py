@@ -118,8 +118,8 @@ SWITCHES = {
     "+recompute": ("QAT_RECOMPUTE", "1"),  # w_hat and the clip mask recomputed in the backward, not kept
     "+no-recompute": ("QAT_RECOMPUTE", "0"),  # the matmul keeps w_hat and the STE its mask until the backward
     "+step-cache": ("QAT_STEP_CACHE", "1"),  # w_hat once per optimizer step (qat/step_cache.py), as QATCallback(step_cache=True)
-    "+no-pack": ("QAT_STEP_CACHE_PACK", "0"),
-    "+no-overlap": ("QAT_STEP_CACHE_OVERLAP", "0"),  # with +step-cache: the refresh on the current stream, not a side one  # with +step-cache: large layers recompute w_hat, not unpack 4-bit codes
+    "+no-pack": ("QAT_STEP_CACHE_PACK", "0"),  # with +step-cache: large layers recompute w_hat, not unpack 4-bit codes
+    "+no-overlap": ("QAT_STEP_CACHE_OVERLAP", "0"),  # with +step-cache: the refresh on the current stream, not a side one
     "+compile-group": ("QAT_COMPILE_GROUP", "1"),  # compiled: every layer's fake quant in one op (kernels/batch.py)
 }
 

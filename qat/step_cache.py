@@ -225,6 +225,10 @@ class StepCache:
         self._stepped = True
         if self._pending is not None:  # an overlapped refresh of the weights before this step: its marks are stale
             self._pending = (self._pending[0], [])
+        self._unmark()
+
+    def _unmark(self) -> None:
+        """No eager forward uses a cache until the next marks (``_mark``)."""
         for m in self.modules:
             m.__dict__["_w_cache_version"] = -1  # no version a weight has: the eager forward ignores the cache
         for m in self.packed:
@@ -266,8 +270,7 @@ class StepCache:
         if overlap and not self._stepped:
             # the weights' versions may be those the eager forwards' marks hold (a refresh without a step): until
             # ``wait()`` they must not read what the side stream writes. After a watched step ``_after_step`` did this
-            self._after_step()
-            self._stepped = False
+            self._unmark()
         if side is None:
             marks = self._launch_refresh(live, groups, packed_groups)
             event = None

@@ -91,16 +91,21 @@ def time_steps(step: Callable[[], object], warmup: int, steps: int, device: str,
     return times, peak
 
 
-def time_pipelined(step: Callable[[], object], steps: int, device: str) -> float:
+def time_pipelined(step: Callable[[], object], steps: int, device: str,
+                   finish: Callable[[], object] | None = None) -> float:
     """Milliseconds per step of ``steps`` steps queued back to back, one sync at the end: a loop that never
     reads the loss, so the host runs ahead and the GPU never waits for a step's start (``time_steps`` ends
-    every step on the host, as a loop that reads the loss each step does). Run after ``time_steps``' warmup."""
+    every step on the host, as a loop that reads the loss each step does). Run after ``time_steps``' warmup.
+    ``finish`` runs before the end event: e.g. the step cache's ``wait``, so the last step's side-stream
+    refresh is counted like the others (each step's forward waits for the one before)."""
     if device == "cuda":
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(steps):
             step()
+        if finish is not None:
+            finish()
         b.record()
         torch.cuda.synchronize()  # everything, the side streams' work included
         return a.elapsed_time(b) / steps

@@ -176,7 +176,8 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
                tokens_per_s=args.batch * args.seq / (ms / 1e3), peak_gib=peak,
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     if getattr(args, "pipelined", False):
-        res["ms_pipelined"] = time_pipelined(step, args.steps, device)
+        res["ms_pipelined"] = time_pipelined(step, args.steps, device,
+                                             finish=cache.wait if cache is not None else None)
     if cache is not None:
         cache.close()  # frees its buffers (the packed codes) before the next variant measures its peak
     del model, opt, step_fn, cache, step

@@ -3,7 +3,8 @@
 length and card), at the issue's settings (seq 2048; batch 8 for SmolLM2, 4 for the ~1B config), one point
 per pair, colored by card, with the goal of its mode (compiled 1.02x, eager 1.2x). Prints the medians per
 (model, mode, variant, card), all pairs and those from session ``RECENT`` on (filled points), and writes them
-as JSON.
+as JSON. Rows timed with ``bench/speed.py --pipelined`` give a second pair each, by their ``ms_pipelined``
+(the variant's name + " [no sync]": a loop that never reads the loss).
 
     python bench/plot_speed.py [FILES ...] [--variants qat:q4_0+step-cache,...] [--out bench/results/speed_ratios.png]
 """
@@ -22,6 +23,7 @@ BATCH = {"smollm2": 8, "llama1b": 4}  # the issue's settings, seq 2048
 GOAL = {True: 1.02, False: 1.2}  # compiled, eager
 DEFAULT_VARIANTS = "qat:q4_0+step-cache,qat:q4_k_m+step-cache,torchao"  # the callback's default path, and torchao
 RECENT = 15  # files of this session on (the step cache's overlapped refresh): filled points, and medians of their own
+PIPELINED = " [no sync]"  # the same pair timed by ``bench/speed.py --pipelined``: steps queued back to back
 
 
 def card(device: str) -> str:
@@ -54,8 +56,12 @@ def pairs(files: list[Path], variants: set[str]) -> list[dict]:
                     or BATCH.get(r.get("model")) != r.get("batch")):
                 continue
             m = re.search(r"_s(\d+)_", f.name)
-            out.append(dict(file=f.name, session=int(m.group(1)) if m else None, model=r["model"], compiled=bool(r.get("compiled")), variant=r["variant"],
-                            card=card(r.get("device", "?")), ratio=r["ms_per_step"] / base["ms_per_step"]))
+            common = dict(file=f.name, session=int(m.group(1)) if m else None, model=r["model"],
+                          compiled=bool(r.get("compiled")), card=card(r.get("device", "?")))
+            out.append(dict(common, variant=r["variant"], ratio=r["ms_per_step"] / base["ms_per_step"]))
+            if "ms_pipelined" in r and "ms_pipelined" in base:  # ``--pipelined``: the loop that never syncs
+                out.append(dict(common, variant=r["variant"] + PIPELINED,
+                                ratio=r["ms_pipelined"] / base["ms_pipelined"]))
     return out
 
 
@@ -75,7 +81,7 @@ def main() -> None:
         groups[(row["model"], row["compiled"], row["variant"])].append(row)
     cats = sorted(groups, key=lambda k: (not k[1], k[0], k[2]))  # compiled first
     summary = []
-    print(f"{'model':8s} {'mode':8s} {'variant':24s} {'card':5s} {'pairs':>5s} {'median':>7s} {'min':>6s} {'max':>6s}")
+    print(f"{'model':8s} {'mode':8s} {'variant':32s} {'card':5s} {'pairs':>5s} {'median':>7s} {'min':>6s} {'max':>6s}")
     for k in cats:
         for c in sorted({r["card"] for r in groups[k]}):
             for since in (None, RECENT):
@@ -86,7 +92,7 @@ def main() -> None:
                            median=statistics.median(rs), min=min(rs), max=max(rs))
                 summary.append(row)
                 label = k[2] if since is None else f"  from session {since}"
-                print(f"{k[0]:8s} {'compile' if k[1] else 'eager':8s} {label:24s} {c:5s} {len(rs):5d} "
+                print(f"{k[0]:8s} {'compile' if k[1] else 'eager':8s} {label:32s} {c:5s} {len(rs):5d} "
                       f"{row['median']:7.3f} {row['min']:6.3f} {row['max']:6.3f}")
 
     import matplotlib
@@ -109,7 +115,8 @@ def main() -> None:
         ax.axhline(GOAL[comp], color="k", ls="--", lw=1)
         ax.axhline(1.0, color="gray", lw=0.6)
         ax.set_xticks(range(len(ks)))
-        ax.set_xticklabels([f"{m}\n{v.replace('qat:', '').replace('+step-cache', '+cache')}" for m, _, v in ks],
+        ax.set_xticklabels([f"{m}\n{v.replace('qat:', '').replace('+step-cache', '+cache').replace(PIPELINED, '')}"
+                            + ("\nno sync" if v.endswith(PIPELINED) else "") for m, _, v in ks],
                            fontsize=7)
         ax.set_xlim(-0.6, len(ks) - 0.4)
         ax.set_title(f"{'compiled' if comp else 'eager'} (goal {GOAL[comp]}x, dashed)", fontsize=9)

@@ -223,3 +223,26 @@ def test_speed_pipelined_plumbing(monkeypatch):
         assert r["ms_pipelined"] > 0 and r["ms_per_step"] > 0 and r["device"] == "cpu"
     args.pipelined = False
     assert "ms_pipelined" not in run_variant(args, "bf16", compiled=False)
+
+
+def test_plot_speed_pairs_sync_and_pipelined(tmp_path):
+    """bench/plot_speed.py's pairs: each kept row against the bf16 row just before it (same model, mode, batch,
+    seq and card), and, where both rows carry ``ms_pipelined``, a second pair by it under the " [no sync]"
+    name; rows off the issue's settings, other variants and rows before any bf16 row are left out."""
+    from bench.plot_speed import PIPELINED, pairs
+
+    def row(variant, ms, pipe=None, batch=4, dev="NVIDIA H200"):
+        r = dict(model="llama1b", variant=variant, compiled=True, batch=batch, seq=2048, ms_per_step=ms, device=dev)
+        if pipe is not None:
+            r["ms_pipelined"] = pipe
+        return r
+
+    q = "qat:q4_0+step-cache"
+    rows = [row(q, 99.0), row("bf16", 100.0, 110.0), row(q, 102.0, 111.1), row("torchao", 130.0),
+            row("bf16", 200.0), row(q, 203.0, 230.0), row(q, 150.0, batch=8),
+            row("bf16", 100.0, dev="NVIDIA H100 80GB HBM3"), row(q, 101.0, dev="NVIDIA H100 80GB HBM3")]
+    f = tmp_path / "speed_1b_compile_s16_x_h200.json"
+    f.write_text(json.dumps(rows))
+    got = pairs([f], {q})
+    assert [(p["variant"], p["card"], p["session"], round(p["ratio"], 6)) for p in got] == [
+        (q, "H200", 16, 1.02), (q + PIPELINED, "H200", 16, 1.01), (q, "H200", 16, 1.015), (q, "H100", 16, 1.01)]

@@ -3,7 +3,9 @@ does the optimizer read the QAT step's gradients slower than bf16's? (It did: BE
 
 For each variant, in one process: build the model as ``bench/speed.py`` does, compile it, run three steps
 (with ``+step-cache``: the cache's flush too, as the callback), keep the last step's gradients, then time
-``opt.step()`` alone (CUDA events, median of ``--reps``), replace every gradient by a clone and time it again.
+``opt.step()`` alone (CUDA events, median of ``--reps``), replace every gradient by a clone and time it again,
+then the weights and the optimizer's states too, and time it a third time. A ``+pad=G`` suffix holds G GiB
+from before the first step (a bf16 run whose states are placed as a step cache's buffers would place them).
 It also lists what could make two sets of gradients read differently: dtype, contiguity, 16-byte alignment,
 storage offsets, shared storages.
 
@@ -39,9 +41,24 @@ def grad_layout(model) -> dict:
                 shared_storage=len(g) - len({x.untyped_storage().data_ptr() for x in g}))
 
 
+def split_pad(variant: str) -> tuple[str, float]:
+    """``"bf16+pad=0.8"`` -> ``("bf16", 0.8)``; no suffix: ``(variant, 0.0)``."""
+    base, sep, gib = variant.partition("+pad=")
+    if not sep:
+        return variant, 0.0
+    try:
+        return base, float(gib)
+    except ValueError:
+        sys.exit(f"optimizer_grads: bad +pad= suffix in {variant!r}: give GiB as a number, e.g. bf16+pad=0.8")
+
+
 def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, device: str = "cuda",
             compiled: bool = True) -> dict:
-    model = build(model_name, apply_switches(variant), device).train()
+    variant_build, pad = split_pad(variant)
+    model = build(model_name, apply_switches(variant_build), device).train()
+    # ``+pad=G``: G GiB held from before the optimizer's first step, so its states land where a step cache's
+    # buffers would push them (does placement alone slow the step? session 16 asks)
+    padding = torch.empty(int(pad * 2**30), dtype=torch.uint8, device=device) if pad else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     f = torch.compile(model) if compiled else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
@@ -61,10 +78,18 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, devi
         if p.grad is not None:
             p.grad = p.grad.clone()
     row["step_ms_cloned_grads"] = timed(opt.step, reps, device)
+    with torch.no_grad():  # and fresh copies of the weights and the optimizer's states: new places for all of it
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for st in opt.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.device.type == torch.device(device).type:
+                    st[k] = v.clone()
+    row["step_ms_fresh_all"] = timed(opt.step, reps, device)
     row["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if cache is not None:
         cache.close()
-    del model, opt, f, cache
+    del model, opt, f, cache, padding
     release(device)
     return row
 
@@ -84,9 +109,10 @@ def main() -> None:
     for v in args.variants.split(","):
         rows.append(measure(args.model, v, args.batch, args.seq, args.reps))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"{'variant':24s} {'opt.step ms':>11s} {'cloned grads':>12s} {'misaligned':>10s} {'non-contig':>10s}")
+    print(f"{'variant':24s} {'opt.step ms':>11s} {'cloned grads':>12s} {'all fresh':>10s} {'misaligned':>10s} "
+          f"{'non-contig':>10s}")
     for r in rows:
-        print(f"{r['variant']:24s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} "
+        print(f"{r['variant']:24s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} {r['step_ms_fresh_all']:10.3f} "
               f"{r['misaligned_16']:10d} {r['non_contiguous']:10d}")
     if args.out:
         tmp = args.out.with_suffix(".tmp")

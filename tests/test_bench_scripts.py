@@ -198,12 +198,23 @@ def test_optimizer_grads_plumbing(monkeypatch):
     for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
-    rows = [measure("tiny", v, 2, 32, 2, device="cpu", compiled=False) for v in ("bf16", "qat:q4_0+step-cache")]
-    assert rows[0]["grads"] == rows[1]["grads"] > 0
+    rows = [measure("tiny", v, 2, 32, 2, device="cpu", compiled=False)
+            for v in ("bf16", "qat:q4_0+step-cache", "bf16+pad=0.001")]
+    assert rows[0]["grads"] == rows[1]["grads"] == rows[2]["grads"] > 0
+    assert [r["variant"] for r in rows] == ["bf16", "qat:q4_0+step-cache", "bf16+pad=0.001"]
     for r in rows:
         assert r["dtypes"] == ["torch.bfloat16"]  # build() makes pure bf16 weights, as the issue asks
         assert r["non_contiguous"] == r["misaligned_16"] == r["storage_offset"] == r["shared_storage"] == 0
-        assert r["step_ms"] > 0 and r["step_ms_cloned_grads"] > 0
+        assert r["step_ms"] > 0 and r["step_ms_cloned_grads"] > 0 and r["step_ms_fresh_all"] > 0
+
+
+def test_optimizer_grads_pad_suffix():
+    from bench.optimizer_grads import split_pad
+
+    assert split_pad("bf16") == ("bf16", 0.0)
+    assert split_pad("qat:q4_0+step-cache+pad=0.75") == ("qat:q4_0+step-cache", 0.75)
+    with pytest.raises(SystemExit, match=r"bad \+pad= suffix in 'bf16\+pad=x'"):
+        split_pad("bf16+pad=x")
 
 
 def test_speed_pipelined_plumbing(monkeypatch):

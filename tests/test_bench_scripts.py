@@ -257,3 +257,20 @@ def test_plot_speed_pairs_sync_and_pipelined(tmp_path):
     got = pairs([f], {q})
     assert [(p["variant"], p["card"], p["session"], round(p["ratio"], 6)) for p in got] == [
         (q, "H200", 16, 1.02), (q + PIPELINED, "H200", 16, 1.01), (q, "H200", 16, 1.015), (q, "H100", 16, 1.01)]
+
+
+def test_step_start_phases_and_guard_check(monkeypatch):
+    """bench/step_start.py on the tiny config, CPU: every phase timed for bf16 and the step cache's variant;
+    compiled (aot_eager), dynamo's guard check is found and timed on the step's own arguments (the cache
+    entry passes them); eager, there is none. (Its figures need a GPU.)"""
+    from bench.speed import SWITCHES
+    from bench.step_start import PHASES, measure
+
+    for key, _ in SWITCHES.values():  # measure() sets its variant's switches; monkeypatch restores them
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    for v in ("bf16", "qat:q4_0+step-cache"):
+        r = measure("tiny", v, 2, 16, 1, 2, "cpu", backend="aot_eager")
+        assert r["batch_start_us"] >= 0 and all(r[k + "_us"] > 0 for k in PHASES[1:]), r  # bf16: no cache to ask
+        assert r["guard_check_us"] is not None and r["guard_check_us"] > 0, r
+    assert measure("tiny", "bf16", 2, 16, 1, 2, "cpu", backend=None)["guard_check_us"] is None

@@ -115,6 +115,15 @@ def time_pipelined(step: Callable[[], object], steps: int, device: str,
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, through a temporary file renamed into place (a run stopped halfway
+    leaves the last complete file, not half of one)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, time_steps  # noqa: E402
+from bench.common import release, time_steps, write_json  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 
@@ -115,9 +115,7 @@ def main() -> None:
         print(f"{r['variant']:24s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} {r['step_ms_fresh_all']:10.3f} "
               f"{r['misaligned_16']:10d} {r['non_contiguous']:10d}")
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.out)
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

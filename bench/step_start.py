@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release  # noqa: E402
+from bench.common import release, write_json  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 PHASES = ("batch_start", "to_forward", "forward", "backward", "optimizer")
@@ -125,9 +125,7 @@ def main() -> None:
         print(f"{r['variant']:28s}" + "".join(f"{r[k + '_us']:12.0f}" for k in PHASES)
               + (f"{g:9.0f}" if g is not None else f"{'-':>9s}"))
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(args.out)
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

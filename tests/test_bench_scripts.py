@@ -274,3 +274,13 @@ def test_step_start_phases_and_guard_check(monkeypatch):
         assert r["batch_start_us"] >= 0 and all(r[k + "_us"] > 0 for k in PHASES[1:]), r  # bf16: no cache to ask
         assert r["guard_check_us"] is not None and r["guard_check_us"] > 0, r
     assert measure("tiny", "bf16", 2, 16, 1, 2, "cpu", backend=None)["guard_check_us"] is None
+
+
+def test_write_json_replaces_whole_files(tmp_path):
+    from bench.common import write_json
+
+    out = tmp_path / "rows.json"
+    write_json(out, [dict(a=1)])
+    write_json(out, [dict(a=2), dict(b=3)])
+    assert json.loads(out.read_text()) == [dict(a=2), dict(b=3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no temporary file left

@@ -219,7 +219,7 @@ def test_optimizer_grads_pad_suffix():
 
 def test_speed_pipelined_plumbing(monkeypatch):
     """bench/speed.py's ``--pipelined`` on the tiny config, CPU, eager: each row gets ``ms_pipelined`` (steps
-    queued back to back, one sync) beside the per-step timing, for bf16 and the step cache's variant; without
+    queued back to back, one sync; the median of ``--pipelined-rounds`` rounds) beside the per-step timing, for bf16 and the step cache's variant; without
     the flag, no such field. (Its figures need a GPU.)"""
     import argparse
 
@@ -228,10 +228,11 @@ def test_speed_pipelined_plumbing(monkeypatch):
     for key, _ in SWITCHES.values():  # run_variant() sets its variant's switches; monkeypatch restores them
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
-    args = argparse.Namespace(model="tiny", batch=2, seq=32, warmup=1, steps=2, pipelined=True)
+    args = argparse.Namespace(model="tiny", batch=2, seq=32, warmup=1, steps=2, pipelined=True, pipelined_rounds=3)
     rows = [run_variant(args, v, compiled=False) for v in ("bf16", "qat:q4_0+step-cache")]
     for r in rows:
         assert r["ms_pipelined"] > 0 and r["ms_per_step"] > 0 and r["device"] == "cpu"
+        assert len(r["ms_pipelined_rounds"]) == 3 and r["ms_pipelined"] == sorted(r["ms_pipelined_rounds"])[1]
     args.pipelined = False
     assert "ms_pipelined" not in run_variant(args, "bf16", compiled=False)
 

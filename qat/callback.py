@@ -186,8 +186,7 @@ class QATCallback(L.Callback):
             self._cache.refresh_if_stale(overlap=True)
         step = trainer.global_step
         if self.log_every_n_steps and step % self.log_every_n_steps == 0:
-            if self._cache is not None:
-                self._cache.wait()  # the refresh writes the quantizers' parameters the table reads
+            self.wait_for_step_cache()  # the refresh writes the quantizers' parameters the table reads
             self.log_layer_errors(trainer, pl_module)
 
     def wait_for_step_cache(self) -> None:
@@ -197,14 +196,12 @@ class QATCallback(L.Callback):
             self._cache.wait()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self._cache is not None:
-            # before the state dict is copied (ModelCheckpoint saves from its on_train_batch_end, after ours):
-            # the quantizers' buffers an overlapped refresh writes
-            self._cache.wait()
+        # before the state dict is copied (ModelCheckpoint saves from its on_train_batch_end, after ours): the
+        # quantizers' buffers an overlapped refresh writes
+        self.wait_for_step_cache()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if self._cache is not None:
-            self._cache.wait()  # whatever runs next on the current stream (an export, say) comes after the refresh
+        self.wait_for_step_cache()  # whatever runs next on the current stream (an export, say) comes after the refresh
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._quantizers = None

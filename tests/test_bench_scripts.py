@@ -219,8 +219,8 @@ def test_optimizer_grads_pad_suffix():
 
 def test_speed_pipelined_plumbing(monkeypatch):
     """bench/speed.py's ``--pipelined`` on the tiny config, CPU, eager: each row gets ``ms_pipelined`` (steps
-    queued back to back, one sync; the median of ``--pipelined-rounds`` rounds) beside the per-step timing, for bf16 and the step cache's variant; without
-    the flag, no such field. (Its figures need a GPU.)"""
+    queued back to back, one sync; the median of ``--pipelined-rounds`` rounds) beside the per-step timing,
+    for bf16 and the step cache's variant; without the flag, no such field. (Its figures need a GPU.)"""
     import argparse
 
     from bench.speed import SWITCHES, run_variant

@@ -7,7 +7,8 @@ For each variant, in one process: build the model as ``bench/speed.py`` does, co
 then the weights and the optimizer's states too, and time it a third time. A ``+pad=G`` suffix holds G GiB
 from before the first step (a bf16 run whose states are placed as a step cache's buffers would place them).
 It also lists what could make two sets of gradients read differently: dtype, contiguity, 16-byte alignment,
-storage offsets, shared storages.
+storage offsets, shared storages; and the exact zeros in ``exp_avg_sq``, which were the cause (session 17:
+CUDA's Adam kernels take a slow ``sqrt`` on them; ``qat/adam_floor.py`` raises them, ``+no-floor`` does not).
 
     python bench/optimizer_grads.py --variants bf16,qat:q4_0+step-cache,bf16 [--model llama1b] [--out FILE]
 """
@@ -73,6 +74,8 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, devi
     if device == "cuda":
         torch.cuda.synchronize()
     row = dict(model=model_name, variant=variant, compiled=compiled, **grad_layout(model))
+    # exact zeros in the second moments: CUDA's Adam kernels take a slow sqrt there (qat/adam_floor.py)
+    row["zero_second_moments"] = sum(int(st["exp_avg_sq"].eq(0).sum()) for st in opt.state.values())
     row["step_ms"] = timed(opt.step, reps, device)
     for p in model.parameters():
         if p.grad is not None:
@@ -109,11 +112,11 @@ def main() -> None:
     for v in args.variants.split(","):
         rows.append(measure(args.model, v, args.batch, args.seq, args.reps))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"{'variant':24s} {'opt.step ms':>11s} {'cloned grads':>12s} {'all fresh':>10s} {'misaligned':>10s} "
-          f"{'non-contig':>10s}")
+    print(f"{'variant':34s} {'opt.step ms':>11s} {'cloned grads':>12s} {'all fresh':>10s} {'misaligned':>10s} "
+          f"{'non-contig':>10s} {'zero v':>10s}")
     for r in rows:
-        print(f"{r['variant']:24s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} {r['step_ms_fresh_all']:10.3f} "
-              f"{r['misaligned_16']:10d} {r['non_contiguous']:10d}")
+        print(f"{r['variant']:34s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} {r['step_ms_fresh_all']:10.3f} "
+              f"{r['misaligned_16']:10d} {r['non_contiguous']:10d} {r['zero_second_moments']:10d}")
     if args.out:
         write_json(args.out, rows)
 

@@ -99,7 +99,13 @@ def step_cache(model, opt):
     ``model``, watching ``opt``: the step then calls ``flush`` before the optimizer step and
     ``refresh_if_stale`` after it and before the forward, as ``QATCallback`` does with its default on one GPU.
     Otherwise None: a ``qat:`` row without the suffix is fake quant in every forward (the callback with
-    ``step_cache=False``, or under DDP/FSDP)."""
+    ``step_cache=False``, or under DDP/FSDP). Either way, as the callback, Adam's second moments of the
+    fake-quantized weights get their floor (``qat/adam_floor.py``; ``+no-floor``: not)."""
+    from qat.adam_floor import attach_floor
+    from qat.modules import is_fake_quant
+
+    # as the callback, with or without the cache (``+no-floor``: without): qat/adam_floor.py
+    attach_floor(opt, [m.weight for m in model.modules() if is_fake_quant(m)])
     if os.environ.get("QAT_STEP_CACHE") != "1":
         return None
     from qat.step_cache import StepCache
@@ -121,6 +127,7 @@ SWITCHES = {
     "+no-pack": ("QAT_STEP_CACHE_PACK", "0"),  # with +step-cache: large layers recompute w_hat, not unpack 4-bit codes
     "+no-overlap": ("QAT_STEP_CACHE_OVERLAP", "0"),  # with +step-cache: the refresh on the current stream, not a side one
     "+compile-group": ("QAT_COMPILE_GROUP", "1"),  # compiled: every layer's fake quant in one op (kernels/batch.py)
+    "+no-floor": ("QAT_ADAM_FLOOR", "0"),  # Adam's zero second moments left as they are (qat/adam_floor.py)
 }
 
 

@@ -15,10 +15,13 @@ import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
+from torch import nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from . import adam_floor
 from .observers import WeightQuantizer
-from .prepare import freeze_observers, layer_errors, prepare, quantizers, set_fake_quant_enabled
+from .prepare import (fake_quant_modules, freeze_observers, layer_errors, prepare, quantizers,
+                      set_fake_quant_enabled)
 
 __all__ = ["QATCallback"]
 
@@ -62,6 +65,10 @@ class QATCallback(L.Callback):
             waits for it (``QAT_STEP_CACHE_OVERLAP=0``: on the current stream). A hook of your own that
             runs a *compiled* forward in ``on_train_batch_end`` calls ``wait_for_step_cache()`` first;
             eager forwards need nothing (they fake-quantize as usual until the wait).
+
+    With ``torch.optim.Adam``/``AdamW`` on CUDA, the fake-quantized weights' second moments are kept off exact
+    zero (``qat/adam_floor.py``: the clip masks' zeros put CUDA's Adam kernels on a slow path; no weight
+    moves differently). ``QAT_ADAM_FLOOR=0`` turns that off.
     """
 
     def __init__(self, scheme: str, rules: Optional[Mapping[str, Optional[str]]] = None, start_step: int = 0,
@@ -79,6 +86,7 @@ class QATCallback(L.Callback):
         # the model's quantizers from on_train_start to on_train_end: the schedule is applied twice a step, and
         # walking SmolLM2's ~600 modules for them cost ~0.3 ms of host time each time
         self._quantizers: Optional[list] = None
+        self._floors: list = []  # ``adam_floor.SecondMomentFloor`` hooks, from on_train_start to on_train_end
 
     # -- surgery ------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -138,6 +146,15 @@ class QATCallback(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._quantizers = quantizers(pl_module)
+        # the clip masks' exact zeros in Adam's second moments slow CUDA's Adam kernels (qat/adam_floor.py)
+        weights = [m.weight for _, m in fake_quant_modules(pl_module) if isinstance(m.weight, nn.Parameter)]
+        for floor in self._floors:  # a fit that ended in an exception skipped on_train_end
+            floor.remove()
+        self._floors = []
+        for opt in trainer.optimizers:
+            floor = adam_floor.attach_floor(opt, weights)
+            if floor is not None:
+                self._floors.append(floor)
         if not self._step_cache_wanted(trainer, pl_module):
             return
         from .step_cache import StepCache
@@ -205,6 +222,9 @@ class QATCallback(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._quantizers = None
+        for floor in self._floors:
+            floor.remove()
+        self._floors = []
         if self._cache is not None:
             self._cache.close()
             self._cache = None

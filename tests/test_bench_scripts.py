@@ -206,6 +206,7 @@ def test_optimizer_grads_plumbing(monkeypatch):
         assert r["dtypes"] == ["torch.bfloat16"]  # build() makes pure bf16 weights, as the issue asks
         assert r["non_contiguous"] == r["misaligned_16"] == r["storage_offset"] == r["shared_storage"] == 0
         assert r["step_ms"] > 0 and r["step_ms_cloned_grads"] > 0 and r["step_ms_fresh_all"] > 0
+        assert isinstance(r["zero_second_moments"], int)
 
 
 def test_optimizer_grads_pad_suffix():

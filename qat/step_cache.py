@@ -83,6 +83,10 @@ class _PackBuf:
         self.ps = torch.empty(total // fmt.block, dtype=s_dt, device=device)
         self.pz = torch.empty(total // fmt.block, dtype=z_dt, device=device) if has_zero else None
         self.words = torch.empty(total // 32, dtype=torch.int32, device=device)
+        # the members' weight versions the codes were computed from, in group order (``_Packed.version``); None
+        # until ``StepCache._mark`` (one assignment per group, not one per layer: the marks are set at every
+        # batch's start, where the GPU waits for the host, and 112 per-layer writes cost ~0.1 ms there, session 17)
+        self.versions: Optional[list] = None
 
 
 class _Packed:
@@ -91,12 +95,18 @@ class _Packed:
     (``fake_quant_detached``/``redo``: w_hat unpacked in the forward and again in the backward, the identity
     STE there; ``StepCache.flush`` applies the mask to the weight's gradient)."""
 
-    def __init__(self, buf: _PackBuf, b_off: int, n_blocks: int, fmt):
+    def __init__(self, buf: _PackBuf, b_off: int, n_blocks: int, fmt, index: int):
         self.buf, self.b_off, self.n_blocks, self.fmt = buf, b_off, n_blocks, fmt
         # for the compiled forward: the format's name, a string dynamo guards by value (the format object, shared
         # by many layers, took an identity guard per layer, evaluated in Python on every call)
         self.fmt_name = fmt.name
-        self.version = -1
+        self.index = index  # the layer's place in its group (``_PackBuf.versions``)
+
+    @property
+    def version(self) -> int:
+        """The weight's version the codes were computed from; -1 (no version a weight has) while unmarked."""
+        versions = self.buf.versions
+        return -1 if versions is None else versions[self.index]
 
     def w_hat(self, w: Tensor) -> Tensor:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -231,9 +241,8 @@ class StepCache:
         """No eager forward uses a cache until the next marks (``_mark``)."""
         for m in self.modules:
             m.__dict__["_w_cache_version"] = -1  # no version a weight has: the eager forward ignores the cache
-        for m in self.packed:
-            if m._w_packed is not None:
-                m._w_packed.version = -1
+        for buf in self._bufs.values():  # every live packed layer's ``_Packed`` is in one of these
+            buf.versions = None
 
     # -- after every change of the weights ------------------------------------------------------------------
     def refresh(self, overlap: bool = False) -> None:
@@ -306,8 +315,8 @@ class StepCache:
     def _mark(marks: list) -> None:
         """Let the eager forwards use the caches: each its weight's version when the refresh read it."""
         for m, version in marks:
-            if isinstance(m, _Packed):
-                m.version = version
+            if isinstance(m, _PackBuf):
+                m.versions = version  # a list: its members' versions
             else:
                 # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
                 m.__dict__["_w_cache_version"] = version
@@ -328,7 +337,8 @@ class StepCache:
             self._mark(marks)
 
     def _launch_refresh(self, live: list, groups: list, packed_groups: list) -> list:
-        """The refresh's launches; returns its version marks: (module or ``_Packed``, the weight's version)."""
+        """The refresh's launches; returns its version marks: (module, its weight's version), or (``_PackBuf``,
+        its members' versions)."""
         for group, fused in groups:
             fmt = _q(group[0]).fmt
             if _is_kquant(fmt):
@@ -364,7 +374,7 @@ class StepCache:
 
     def _refresh_packed(self, groups: list) -> list:
         """Every live packed layer's codes, stored parameters and clip bits, one launch per group; returns the
-        version marks of their ``_Packed`` (``_launch_refresh``)."""
+        version marks of their groups' ``_PackBuf`` (``_launch_refresh``)."""
         used, marks = set(), []
         for group, fused in groups:
             fmt, w0 = _q(group[0]).fmt, _w(group[0])
@@ -394,12 +404,12 @@ class StepCache:
                 KIND=tfq.kernel_kind(fmt), HAS_ZERO=zeros[0] is not None, SCALE_F16=fmt.scale_dtype == torch.float16,
                 ALIGNED=aligned, DYNAMIC=in_kernel, num_warps=1, **tfq.launch_opts())
             start = 0
-            for m, w, n in zip(group, weights, sizes):
+            for i, (m, n) in enumerate(zip(group, sizes)):
                 pk = m._w_packed
-                if pk is None or pk.buf is not buf or pk.b_off != start // block:
-                    pk = m._w_packed = _Packed(buf, start // block, n // block, fmt)
-                marks.append((pk, w._version))
+                if pk is None or pk.buf is not buf or pk.b_off != start // block or pk.index != i:
+                    pk = m._w_packed = _Packed(buf, start // block, n // block, fmt, i)
                 start += n
+            marks.append((buf, [w._version for w in weights]))
         for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
             del self._bufs[key]
         return marks

@@ -286,3 +286,14 @@ def test_write_json_replaces_whole_files(tmp_path):
     write_json(out, [dict(a=2), dict(b=3)])
     assert json.loads(out.read_text()) == [dict(a=2), dict(b=3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no temporary file left
+
+
+def test_adam_zeros_plumbing():
+    """bench/adam_zeros.py on the CPU: the zeroed gradients leave exact zeros in ``exp_avg_sq``, the floor
+    raises every one of them, and both timings are there. (Its figures need a GPU.)"""
+    from bench.adam_zeros import measure
+
+    row = measure(0.02, "foreach", [(64, 128)] * 2, 2, "cpu")
+    assert 0.01 * row["elements"] < row["zero_second_moments"] < 0.03 * row["elements"]
+    assert row["zero_second_moments_floored"] == 0
+    assert row["step_ms"] > 0 and row["step_ms_floored"] > 0

@@ -2,19 +2,22 @@
 
 The STE gives a weight element whose code is clamped a gradient of exactly 0 (the clip mask). An element
 clamped in every step so far has ``exp_avg_sq == 0`` (and ``exp_avg == 0``), and PyTorch's CUDA Adam/AdamW
-kernels then take ``sqrt(0)`` in IEEE precision, whose special-operand path is a slow branch: a warp that
-holds one such element waits for it. Measured on an H200 (BENCHMARKS.md, session 17), fused AdamW over
-268M bf16 elements: 1.44 ms with no zeros, 1.84 ms with 2 % exact zeros in the states, 1.55 ms with those
-zeros raised to 1e-30; on the ~1B Llama at Q4_0, 0.42 % of the states were exactly zero and the QAT step's
-``opt.step()`` ran ~0.45 ms (6 %) slower than bf16's on the same shapes.
+kernels are slower on such elements (IEEE ``sqrt`` and division take a slow branch for special operands; a
+warp that holds one waits for it). Measured on an H200 (``bench/adam_zeros.py``, BENCHMARKS.md, session 17),
+fused AdamW over 268M bf16 elements: 1.50 ms with no zeros; with 2 % zeros 1.87 ms, 1.73 ms with the floor;
+with 0.42 % (the ~1B Llama's share at Q4_0) 1.55 ms, 1.52 ms with the floor. So the floor takes back about
+half of what the zeros cost in the fused kernel (the zero ``exp_avg`` stays: its division is the rest; the
+foreach kernels: 3.90 -> 3.88 ms at 0.42 %, 3.75 ms with none), ~0.1 ms of the 1B step's ~7 ms AdamW: not
+the whole ~0.45 ms by which that step's AdamW has run slower than bf16's (sessions 14-17, near the noise).
 
 :class:`SecondMomentFloor` raises those zeros to ``FLOOR`` (1e-35, a normal number in fp32 and bf16) after the
 first optimizer step and again before the floor could decay below the normal range. No weight moves
 differently (``tests/test_adam_floor.py`` checks it bitwise for PyTorch's Adam/AdamW implementations, in fp32
-and bf16): an element with ``exp_avg_sq == 0`` has had no gradient, so ``exp_avg == 0`` and its update is
-``0 / denom`` whatever ``denom`` is; a gradient it gets later adds ``(1 - beta2) * g**2`` to the floor, which
-absorbs it exactly for ``|g| > 1e-12`` (beta2 0.999, fp32); and below that, ``sqrt(1e-35) / sqrt(1 - beta2)``
-is under half an ulp of ``eps`` (``eps >= 1e-8``, PyTorch's default), so ``denom`` is ``eps`` either way.
+and bf16, with always-, sometimes- and tiny-gradient elements). An element with ``exp_avg_sq == 0`` has had
+no gradient (or only ones whose squares underflow): its ``exp_avg`` is 0 (or tiny), and ``denom`` is ``eps``
+with or without the floor, since ``sqrt(1e-35) / sqrt(1 - beta2)`` is under half an ulp of ``eps`` (``eps >=
+1e-8``, PyTorch's default). When it gets a gradient later, ``(1 - beta2) * g**2`` absorbs the floor exactly
+for ``|g| > 1e-12`` (beta2 0.999, fp32), and below that ``denom`` is ``eps`` again.
 (With ``eps=0`` Adam computes ``0 / 0 = nan`` for such an element; with the floor its update stays 0.)
 
 No library offers this (torchao's QAT and PyTorch's optimizers leave the zeros); it is ours because our clip

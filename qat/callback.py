@@ -20,8 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import adam_floor
 from .observers import WeightQuantizer
-from .prepare import (fake_quant_modules, freeze_observers, layer_errors, prepare, quantizers,
-                      set_fake_quant_enabled)
+from .prepare import fake_quant_modules, layer_errors, prepare, quantizers
 
 __all__ = ["QATCallback"]
 
@@ -115,9 +114,17 @@ class QATCallback(L.Callback):
             kwargs["find_unused_parameters"] = True
 
     def _apply_schedule(self, pl_module: L.LightningModule, step: int) -> None:
+        """``set_fake_quant_enabled`` and ``freeze_observers`` for ``step``, in one pass that writes only what
+        changes: it runs at every batch's start, where the GPU waits for the host (the two calls: 17 us for the
+        ~1B Llama's 112 quantizers on this CPU, this: 8 us)."""
         qs = self._quantizers if self._quantizers is not None else quantizers(pl_module)
-        set_fake_quant_enabled(qs, step >= self.start_step)
-        freeze_observers(qs, self.freeze_step is not None and step >= self.freeze_step)
+        enabled = step >= self.start_step
+        frozen = self.freeze_step is not None and step >= self.freeze_step
+        for q in qs:
+            if q.enabled != enabled:
+                q.enabled = enabled
+            if q._frozen != frozen:
+                q.freeze(frozen)
 
     # -- step cache ---------------------------------------------------------------------------------
     def _step_cache_wanted(self, trainer, pl_module) -> bool:

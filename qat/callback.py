@@ -15,8 +15,8 @@ import sys
 from typing import Any, Mapping, Optional
 
 import lightning as L
-from torch import nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from . import adam_floor
 from .observers import WeightQuantizer

@@ -11,7 +11,6 @@ states and once after ``SecondMomentFloor.apply()``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, time_steps, write_json  # noqa: E402
+from bench.common import release, rows_report, time_steps  # noqa: E402
 from qat.adam_floor import FLOOR, SecondMomentFloor  # noqa: E402
 
 
@@ -62,17 +61,11 @@ def main() -> None:
         fractions = [float(f) for f in args.fractions.split(",")]
     except ValueError:
         sys.exit(f"adam_zeros: bad --fractions {args.fractions!r}: give numbers in [0, 1), e.g. 0,0.001,0.02")
-    rows = []
-    for f in fractions:
-        rows.append(measure(f, args.impl, shapes, args.reps, device, args.floor))
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"{'zeros':>8s} {'zero v':>12s} {'opt.step ms':>12s} {'floored ms':>11s} {'ratio':>7s}")
-    for r in rows:
-        print(f"{r['fraction']:8.3%} {r['zero_second_moments']:12d} {r['step_ms']:12.3f} {r['step_ms_floored']:11.3f} "
-              f"{r['step_ms'] / r['step_ms_floored']:7.3f}")
-    if args.out:
-        write_json(args.out, rows)
-
+    rows_report(fractions, lambda f: measure(f, args.impl, shapes, args.reps, device, args.floor),
+                f"{'zeros':>8s} {'zero v':>12s} {'opt.step ms':>12s} {'floored ms':>11s} {'ratio':>7s}",
+                lambda r: (f"{r['fraction']:8.3%} {r['zero_second_moments']:12d} {r['step_ms']:12.3f} "
+                           f"{r['step_ms_floored']:11.3f} {r['step_ms'] / r['step_ms_floored']:7.3f}"),
+                args.out)
 
 if __name__ == "__main__":
     main()

@@ -124,6 +124,22 @@ def write_json(path, obj) -> None:
     tmp.replace(path)
 
 
+def rows_report(items, measure: Callable[[object], dict], header: str, line: Callable[[dict], str],
+                out=None) -> list[dict]:
+    """``measure(item)`` for each item, each row printed as JSON as it comes; then a table (``header``, and
+    ``line(row)`` per row), and the rows written to ``out`` (``write_json``) when given. Returns the rows."""
+    rows = []
+    for item in items:
+        rows.append(measure(item))
+        print(json.dumps(rows[-1]), flush=True)
+    print(header)
+    for r in rows:
+        print(line(r))
+    if out:
+        write_json(out, rows)
+    return rows
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -15,7 +15,6 @@ CUDA's Adam kernels take a slow ``sqrt`` on them; ``qat/adam_floor.py`` raises t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, time_steps, write_json  # noqa: E402
+from bench.common import release, rows_report, time_steps  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 
@@ -108,18 +107,13 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("optimizer_grads: needs a CUDA GPU (fused AdamW's kernel time is what it measures)")
-    rows = []
-    for v in args.variants.split(","):
-        rows.append(measure(args.model, v, args.batch, args.seq, args.reps))
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"{'variant':34s} {'opt.step ms':>11s} {'cloned grads':>12s} {'all fresh':>10s} {'misaligned':>10s} "
-          f"{'non-contig':>10s} {'zero v':>10s}")
-    for r in rows:
-        print(f"{r['variant']:34s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} {r['step_ms_fresh_all']:10.3f} "
-              f"{r['misaligned_16']:10d} {r['non_contiguous']:10d} {r['zero_second_moments']:10d}")
-    if args.out:
-        write_json(args.out, rows)
-
+    rows_report(args.variants.split(","), lambda v: measure(args.model, v, args.batch, args.seq, args.reps),
+                f"{'variant':34s} {'opt.step ms':>11s} {'cloned grads':>12s} {'all fresh':>10s} {'misaligned':>10s} "
+                f"{'non-contig':>10s} {'zero v':>10s}",
+                lambda r: (f"{r['variant']:34s} {r['step_ms']:11.3f} {r['step_ms_cloned_grads']:12.3f} "
+                           f"{r['step_ms_fresh_all']:10.3f} {r['misaligned_16']:10d} {r['non_contiguous']:10d} "
+                           f"{r['zero_second_moments']:10d}"),
+                args.out)
 
 if __name__ == "__main__":
     main()

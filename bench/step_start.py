@@ -19,7 +19,6 @@ GPU. Medians over ``--steps`` steps, in microseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, write_json  # noqa: E402
+from bench.common import release, rows_report  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 PHASES = ("batch_start", "to_forward", "forward", "backward", "optimizer")
@@ -115,18 +114,15 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = None if args.backend == "none" else args.backend
-    rows = []
-    for v in args.variants.split(","):
-        rows.append(measure(args.model, v, args.batch, args.seq, args.warmup, args.steps, device, backend))
-        print(json.dumps(rows[-1]), flush=True)
-    print(f"{'variant':28s}" + "".join(f"{k:>12s}" for k in PHASES) + f"{'guards':>9s}   (us, medians)")
-    for r in rows:
+    def line(r: dict) -> str:
         g = r["guard_check_us"]
-        print(f"{r['variant']:28s}" + "".join(f"{r[k + '_us']:12.0f}" for k in PHASES)
-              + (f"{g:9.0f}" if g is not None else f"{'-':>9s}"))
-    if args.out:
-        write_json(args.out, rows)
+        return (f"{r['variant']:28s}" + "".join(f"{r[k + '_us']:12.0f}" for k in PHASES)
+                + (f"{g:9.0f}" if g is not None else f"{'-':>9s}"))
 
+    rows_report(args.variants.split(","),
+                lambda v: measure(args.model, v, args.batch, args.seq, args.warmup, args.steps, device, backend),
+                f"{'variant':28s}" + "".join(f"{k:>12s}" for k in PHASES) + f"{'guards':>9s}   (us, medians)",
+                line, args.out)
 
 if __name__ == "__main__":
     main()

@@ -297,3 +297,15 @@ def test_adam_zeros_plumbing():
     assert 0.01 * row["elements"] < row["zero_second_moments"] < 0.03 * row["elements"]
     assert row["zero_second_moments_floored"] == 0
     assert row["step_ms"] > 0 and row["step_ms_floored"] > 0
+
+
+def test_rows_report_prints_and_writes(tmp_path, capsys):
+    from bench.common import rows_report
+
+    out = tmp_path / "rows.json"
+    rows = rows_report([1, 2], lambda x: {"x": x, "sq": x * x}, "x sq", lambda r: f"{r['x']} {r['sq']}", out)
+    assert rows == [{"x": 1, "sq": 1}, {"x": 2, "sq": 4}]
+    assert capsys.readouterr().out.splitlines() == ['{"x": 1, "sq": 1}', '{"x": 2, "sq": 4}', "x sq", "1 1", "2 4"]
+    assert json.loads(out.read_text()) == rows and not out.with_suffix(".tmp").exists()
+    rows_report([3], lambda x: {"x": x}, "x", str, None)  # no file asked: none written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]

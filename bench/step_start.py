@@ -19,6 +19,7 @@ GPU. Medians over ``--steps`` steps, in microseconds.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -43,7 +44,13 @@ def guard_check_us(model, kwargs: dict) -> float | None:
         if code_fn is None:
             continue
         code = code_fn.__code__
-        local = {"self": model, "args": (model,), "kwargs": kwargs, **kwargs}
+        try:  # the frame's arguments by the function's own signature: ``(self, input_ids=...)``, a decorator's
+            # ``(*args, **kwargs)`` or ``(self, *args, **kwargs)`` (transformers' versions differ)
+            bound = inspect.signature(code_fn, follow_wrapped=False).bind(model, **kwargs)
+        except TypeError:
+            continue
+        bound.apply_defaults()
+        local = dict(bound.arguments)
         for name, cell in zip(code.co_freevars, code_fn.__closure__ or ()):
             local[name] = cell.cell_contents  # a decorator's wrapper reads its wrapped function from a cell
         for entry in _debug_get_cache_entry_list(code):

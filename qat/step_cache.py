@@ -171,6 +171,11 @@ class StepCache:
                     self.packed.append(m)
                 continue
             self.modules.append(m)
+        # every covered layer's parameter and submodule dicts, in ``_state``'s order: what ``_w``/``_q`` read,
+        # without the module and its ``__dict__`` (``_state`` runs at every batch's start, after the host waited
+        # for the GPU: 112 layers' state in 150 instead of 220 us with the caches cold, 40 instead of 52 warm,
+        # on this 2-core CPU; session 17)
+        self._dicts = [(m._parameters, m._modules) for m in self.modules + self.packed]
         self._tables: dict = {}
         self._bufs: dict = {}  # the packed layers' flat buffers, per group
         self._clip_tables: dict = {}  # the packed layers' clip mask launch tables (``tfq.clip_zero``)
@@ -207,8 +212,8 @@ class StepCache:
 
     def _state(self) -> list:
         out = []
-        for m in self.modules + self.packed:
-            w, q = _w(m), _q(m)
+        for params, mods in self._dicts:
+            w, q = params["weight"], mods["weight_fake_quant"]  # ``_w(m)``, ``_q(m)``
             out.append((w._version, w.data_ptr(), w.dtype, w.requires_grad, q.enabled, q._frozen))
         return out
 

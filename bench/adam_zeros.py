@@ -18,28 +18,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, rows_report, time_steps  # noqa: E402
+from bench.common import release, rows_report, time_steps, zero_second_moments  # noqa: E402
 from qat.adam_floor import FLOOR, SecondMomentFloor  # noqa: E402
 
 
-def measure(fraction: float, impl: str, shapes: list, reps: int, device: str, floor: float = FLOOR) -> dict:
+def measure(fraction: float, impl: str, shapes: list, reps: int, device: str, floor_value: float = FLOOR) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, device=device, generator=g, dtype=torch.bfloat16)) for s in shapes]
     for p in ps:
         keep = torch.rand(p.shape, device=device, generator=g) >= fraction
         p.grad = (torch.randn(p.shape, device=device, generator=g) * 1e-3 * keep).to(p.dtype)
     opt = torch.optim.AdamW(ps, lr=1e-5, **{impl: True})
-    floor_value = floor
     floor = SecondMomentFloor(opt, ps, floor=floor_value)
     floor.remove()  # applied below, by hand
     for _ in range(3):
         opt.step()
-    zeros = sum(int(opt.state[p]["exp_avg_sq"].eq(0).sum()) for p in ps)
-    row = dict(fraction=fraction, impl=impl, floor=floor_value, elements=sum(p.numel() for p in ps), zero_second_moments=zeros,
+    row = dict(fraction=fraction, impl=impl, floor=floor_value, elements=sum(p.numel() for p in ps),
+               zero_second_moments=zero_second_moments(opt),
                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     row["step_ms"] = statistics.median(time_steps(opt.step, 0, reps, device)[0])
     floor.apply()
-    row["zero_second_moments_floored"] = sum(int(opt.state[p]["exp_avg_sq"].eq(0).sum()) for p in ps)
+    row["zero_second_moments_floored"] = zero_second_moments(opt)
     row["step_ms_floored"] = statistics.median(time_steps(opt.step, 0, reps, device)[0])
     del ps, opt, floor
     release(device)
@@ -66,6 +65,7 @@ def main() -> None:
                 lambda r: (f"{r['fraction']:8.3%} {r['zero_second_moments']:12d} {r['step_ms']:12.3f} "
                            f"{r['step_ms_floored']:11.3f} {r['step_ms'] / r['step_ms_floored']:7.3f}"),
                 args.out)
+
 
 if __name__ == "__main__":
     main()

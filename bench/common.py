@@ -140,6 +140,12 @@ def rows_report(items, measure: Callable[[object], dict], header: str, line: Cal
     return rows
 
 
+def zero_second_moments(opt: torch.optim.Optimizer) -> int:
+    """Exact zeros in ``opt``'s Adam second moments (``exp_avg_sq``): CUDA's Adam kernels are slower on them
+    (``qat/adam_floor.py``)."""
+    return sum(int(st["exp_avg_sq"].eq(0).sum()) for st in opt.state.values() if "exp_avg_sq" in st)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

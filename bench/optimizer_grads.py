@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, rows_report, time_steps  # noqa: E402
+from bench.common import release, rows_report, time_steps, zero_second_moments  # noqa: E402
 from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, devi
         torch.cuda.synchronize()
     row = dict(model=model_name, variant=variant, compiled=compiled, **grad_layout(model))
     # exact zeros in the second moments: CUDA's Adam kernels take a slow sqrt there (qat/adam_floor.py)
-    row["zero_second_moments"] = sum(int(st["exp_avg_sq"].eq(0).sum()) for st in opt.state.values())
+    row["zero_second_moments"] = zero_second_moments(opt)
     row["step_ms"] = timed(opt.step, reps, device)
     for p in model.parameters():
         if p.grad is not None:
@@ -114,6 +114,7 @@ def main() -> None:
                            f"{r['step_ms_fresh_all']:10.3f} {r['misaligned_16']:10d} {r['non_contiguous']:10d} "
                            f"{r['zero_second_moments']:10d}"),
                 args.out)
+
 
 if __name__ == "__main__":
     main()

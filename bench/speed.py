@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import release, time_pipelined, time_steps  # noqa: E402
+from bench.common import release, time_pipelined, time_steps, write_json  # noqa: E402
 
 MODELS = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -224,7 +224,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+                write_json(args.out, rows)
     if args.rounds:
         # All variants of a mode held at once and timed in alternation (round r: each variant runs
         # --steps steps): machine drift (clocks, other jobs) then hits every variant alike.
@@ -248,7 +248,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
             if args.out:
-                Path(args.out).write_text(json.dumps(rows, indent=1))
+                write_json(args.out, rows)
     # ratios against the nearest bf16 row before (the first one after it where none is before): with
     # --variants bf16,X,bf16,X each X gets the bf16 run next to it (side-by-side pairs); "host ms" is the
     # time Python took to queue the step: near "ms/step", the GPU waited for the host

@@ -23,7 +23,7 @@ __all__ = ["FakeQuantLinear", "FakeQuantEmbedding", "FAKE_QUANT_MODULES", "is_fa
 
 class FakeQuantLinear(nn.Linear):
     _w_cache: Optional[Tensor] = None  # this step's w_hat, set by qat/step_cache.py
-    _w_cache_version = -1  # the weight's version it was computed from
+    _w_cache_at = None  # where the step cache marks the version of the weight it was computed from
     _w_packed = None  # or a large layer's 4-bit codes for this step (qat/step_cache.py ``_Packed``)
 
     def __init__(self, linear: nn.Linear, weight_fake_quant: WeightQuantizer,
@@ -35,6 +35,15 @@ class FakeQuantLinear(nn.Linear):
         self.weight_fake_quant = weight_fake_quant
         self.act_fake_quant = act_fake_quant
         self.train(linear.training)
+
+    @property
+    def _w_cache_version(self) -> int:
+        """The weight's version ``_w_cache`` was computed from; -1 (no version a weight has) while unmarked."""
+        at = self._w_cache_at
+        if at is None:
+            return -1
+        versions = at[0].versions
+        return -1 if versions is None else versions[at[1]]
 
     def effective_weight(self) -> Tensor:
         """The weight the forward multiplies by: exactly what export writes."""

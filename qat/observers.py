@@ -68,23 +68,56 @@ def mse_params(fmt: AffineFormat, blocks: Tensor, grid: list[float] = MSE_GRID) 
     return best_scale, best_zero
 
 
+# How many times any quantizer's switches (``enabled``, frozen) were set. What reads every quantizer's switches
+# at every batch's start (``QATCallback``'s schedule, the step cache's state check) reads this one number instead
+# while it is unchanged: after the host waited for the device at the step's end, each object touched costs ~1 us
+# there while the GPU idles (~1B Llama, 112 quantizers; BENCHMARKS.md, sessions 17-18).
+_SWITCHES = [0]
+
+
+def switch_epoch() -> int:
+    """A number that changes whenever any quantizer's ``enabled`` or frozen switch is set."""
+    return _SWITCHES[0]
+
+
 class _Freezable(nn.Module):
-    """A ``frozen`` buffer (saved in checkpoints) with a Python mirror, so no forward syncs the device
-    to read it."""
+    """The switches: ``enabled`` (fake quant on or off; not state) and a ``frozen`` buffer (saved in
+    checkpoints) with a Python mirror, so no forward syncs the device to read it. Each setting bumps
+    ``switch_epoch()``."""
+
+    _enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.__dict__["_enabled"] = value
+        _SWITCHES[0] += 1
+
+    def __setstate__(self, state: dict) -> None:
+        if "enabled" in state:  # pickled before ``enabled`` was a property
+            state["_enabled"] = state.pop("enabled")
+        super().__setstate__(state)
 
     def _init_frozen(self) -> None:
-        self._frozen = False
+        self._set_frozen(False)
         self.register_buffer("frozen", torch.tensor(False))
+
+    def _set_frozen(self, frozen: bool) -> None:
+        self._frozen = frozen
+        _SWITCHES[0] += 1
 
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or resume) updating the parameters/statistics; the stored ones are then used as they are."""
         if frozen != self._frozen:
-            self._frozen = frozen
+            self._set_frozen(frozen)
             self.frozen.fill_(frozen)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._frozen = bool(self.frozen)
+        self._set_frozen(bool(self.frozen))
 
 
 class WeightQuantizer(_Freezable):

@@ -69,8 +69,19 @@ from .formats import AffineFormat
 from .kernels import triton_fq as tfq
 from .kernels.batch import _fusable, _is_kquant, _kquant_flat, cached_tables
 from .modules import FakeQuantLinear, is_fake_quant
+from .observers import switch_epoch
 
 __all__ = ["StepCache"]
+
+class _Marks:
+    """The version marks of a plan's cached (not packed) layers: each layer's ``_w_cache_at`` is (this, its
+    index), and ``FakeQuantLinear._w_cache_version`` reads ``versions[index]``. One assignment marks or unmarks
+    them all (as ``_PackBuf.versions`` does for a packed group): at every batch's start, where the GPU waits for
+    the host, one write per layer cost ~1 us each there."""
+
+    def __init__(self):
+        self.versions: Optional[list] = None
+
 
 class _PackBuf:
     """The flat buffers of one group of packed layers (one format and weight dtype): the codes two per byte,
@@ -175,7 +186,14 @@ class StepCache:
         # without the module and its ``__dict__`` (``_state`` runs at every batch's start, after the host waited
         # for the GPU: 112 layers' state in 150 instead of 220 us with the caches cold, 40 instead of 52 warm,
         # on this 2-core CPU; session 17)
-        self._dicts = [(m._parameters, m._modules) for m in self.modules + self.packed]
+        self._params = [m._parameters for m in self.modules + self.packed]
+        self._mods = [m._modules for m in self.modules + self.packed]
+        # the quantizers' switches (enabled, frozen) as ``_state`` last read them, and ``switch_epoch()`` then:
+        # read again only when some switch was set since
+        self._switches: tuple = ()
+        self._switch_epoch: Optional[int] = None
+        self._versions_epoch: Optional[int] = None  # ``switch_epoch()`` when ``_versions``' switches were read
+        self._marks = _Marks()  # the cached layers' version marks (``_mark``)
         self._tables: dict = {}
         self._bufs: dict = {}  # the packed layers' flat buffers, per group
         self._clip_tables: dict = {}  # the packed layers' clip mask launch tables (``tfq.clip_zero``)
@@ -211,10 +229,17 @@ class StepCache:
         return live
 
     def _state(self) -> list:
+        """Every covered weight's ``(version, address, dtype, requires_grad)``, then one more item: every
+        quantizer's ``(enabled, frozen)``, read again only if a switch was set since the last read."""
         out = []
-        for params, mods in self._dicts:
-            w, q = params["weight"], mods["weight_fake_quant"]  # ``_w(m)``, ``_q(m)``
-            out.append((w._version, w.data_ptr(), w.dtype, w.requires_grad, q.enabled, q._frozen))
+        for params in self._params:
+            w = params["weight"]  # ``_w(m)``
+            out.append((w._version, w.data_ptr(), w.dtype, w.requires_grad))
+        epoch = switch_epoch()
+        if epoch != self._switch_epoch:
+            self._switches = tuple((q.enabled, q._frozen) for q in (mods["weight_fake_quant"] for mods in self._mods))
+            self._switch_epoch = epoch
+        out.append(self._switches)
         return out
 
     def stale(self) -> bool:
@@ -225,6 +250,19 @@ class StepCache:
     def _changed(self, state: list) -> bool:
         """``stale()`` given ``state`` (``_state()`` now)."""
         return self._stepped or state != self._versions
+
+    def _unchanged(self) -> bool:
+        """``not stale()``, without building the state: each weight compared where it is read, the quantizers'
+        switches only if one was set since (``refresh_if_stale`` at every batch's start: 33 instead of 53 us for
+        the ~1B Llama's 112 layers on this CPU, the callback's schedule included)."""
+        old = self._versions
+        if self._stepped or old is None or switch_epoch() != self._versions_epoch:
+            return False
+        for params, (version, ptr, dtype, grad) in zip(self._params, old):
+            w = params["weight"]
+            if w._version != version or w.data_ptr() != ptr or w.dtype is not dtype or w.requires_grad != grad:
+                return False
+        return True
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
@@ -239,13 +277,12 @@ class StepCache:
     def _after_step(self, *_) -> None:
         self._stepped = True
         if self._pending is not None:  # an overlapped refresh of the weights before this step: its marks are stale
-            self._pending = (self._pending[0], [])
+            self._pending = (self._pending[0], [], self._pending[2])
         self._unmark()
 
     def _unmark(self) -> None:
         """No eager forward uses a cache until the next marks (``_mark``)."""
-        for m in self.modules:
-            m.__dict__["_w_cache_version"] = -1  # no version a weight has: the eager forward ignores the cache
+        self._marks.versions = None  # no version a weight has: the eager forward ignores the cache
         for buf in self._bufs.values():  # every live packed layer's ``_Packed`` is in one of these
             buf.versions = None
 
@@ -270,7 +307,7 @@ class StepCache:
     def _refresh(self, state: list, overlap: bool = False) -> None:
         """``refresh`` from ``state`` (``_state()`` now; refresh changes no weight, so also the state after it)."""
         self._wait(mark=False)  # an earlier overlapped refresh: ordered before this one, its marks superseded
-        layout = [s[1:] for s in state]  # where the weights are and which train, not their versions
+        layout = [s[1:] for s in state[:-1]] + [state[-1]]  # where the weights are and which train, not their versions
         replanned = layout != self._layout
         if replanned:
             self._plan, self._layout, self._flush_groups = self._make_plan(), layout, {}
@@ -285,6 +322,7 @@ class StepCache:
             # the weights' versions may be those the eager forwards' marks hold (a refresh without a step): until
             # ``wait()`` they must not read what the side stream writes. After a watched step ``_after_step`` did this
             self._unmark()
+        main = None
         if side is None:
             marks = self._launch_refresh(live, groups, packed_groups)
             event = None
@@ -302,10 +340,11 @@ class StepCache:
             event = side.record_event()
             self.overlapped += 1
         if overlap:
-            self._pending = (event, marks)
+            self._pending = (event, marks, main)
         else:
             self._mark(marks)
         self._versions, self._stepped = state, False
+        self._versions_epoch = self._switch_epoch  # ``state``'s switches were read at it (``_state``)
         self.refreshes += 1
 
     def _side_stream(self) -> Optional[torch.cuda.Stream]:
@@ -318,13 +357,10 @@ class StepCache:
 
     @staticmethod
     def _mark(marks: list) -> None:
-        """Let the eager forwards use the caches: each its weight's version when the refresh read it."""
-        for m, version in marks:
-            if isinstance(m, _PackBuf):
-                m.versions = version  # a list: its members' versions
-            else:
-                # the module's dict, as nn.Module.__setattr__ would store it (~1 us a call less)
-                m.__dict__["_w_cache_version"] = version
+        """Let the eager forwards use the caches: each its weight's version when the refresh read it (one list
+        per ``_Marks`` or ``_PackBuf``: its members' versions)."""
+        for holder, versions in marks:
+            holder.versions = versions
 
     def wait(self) -> None:
         """After ``refresh(overlap=True)``: the current stream waits for the refresh (no host sync), and the
@@ -335,9 +371,14 @@ class StepCache:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        event, marks = pending
+        event, marks, main = pending
         if event is not None:
-            torch.cuda.current_stream(self._side.device).wait_event(event)
+            # the stream current at the refresh, if still current (no Stream object built: at the batch's start
+            # the GPU waits for this host work)
+            if torch._C._cuda_getCurrentStream(main.device_index)[0] == main.stream_id:
+                event.wait(main)
+            else:
+                torch.cuda.current_stream(self._side.device).wait_event(event)
         if mark:
             self._mark(marks)
 
@@ -362,8 +403,7 @@ class StepCache:
                     q, w = _q(m), _w(m)
                     q.observe(w)
                     m._w_cache.copy_(ste_forward(w, q.fmt, q.scale, q.zero)[0])
-        marks = [(m, _w(m)._version) for m in live]
-        return marks + self._refresh_packed(packed_groups)
+        return [(self._marks, [_w(m)._version for m in live])] + self._refresh_packed(packed_groups)
 
     def _make_plan(self) -> tuple:
         """``(live layers, their launch groups, the live packed layers' groups)`` for the current layout: a
@@ -371,7 +411,9 @@ class StepCache:
         Made again only when the layout changes (``refresh``): grouping SmolLM2's 210 layers costs ~0.5 ms of
         host time, which a compiled step of a small model waits for."""
         live = self._live(self.modules, "_w_cache")
-        for m in live:
+        self._marks = _Marks()  # a new plan's layers: the old marks' indices no longer hold
+        for i, m in enumerate(live):
+            m.__dict__["_w_cache_at"] = (self._marks, i)
             c, w = m._w_cache, _w(m)
             if c is None or c.shape != w.shape or c.dtype != w.dtype or c.device != w.device:
                 m._w_cache = torch.empty_like(w, memory_format=torch.contiguous_format).requires_grad_(True)
@@ -422,9 +464,12 @@ class StepCache:
     def refresh_if_stale(self, overlap: bool = False) -> None:
         """``refresh`` if ``stale()``. Without ``overlap``, also ``wait()`` for an overlapped refresh still
         pending: after it, the caches are ready for any forward."""
-        state = self._state()  # once: ``_refresh`` takes it on
-        if self._changed(state):
-            self._refresh(state, overlap)
+        if not self._unchanged():
+            state = self._state()  # once: ``_refresh`` takes it on
+            if self._changed(state):
+                self._refresh(state, overlap)
+            else:  # e.g. a switch set to what it was: the check above holds again until the next change
+                self._versions_epoch = self._switch_epoch
         if not overlap:
             self.wait()
 
@@ -489,10 +534,11 @@ class StepCache:
         self._wait(mark=False)  # the buffers go back to the allocator: after the work queued on them
         for m in self.modules:
             m._w_cache = None
+            m.__dict__.pop("_w_cache_at", None)
         for m in self.packed:
             m._w_packed = None
         self._bufs, self._clip_tables, self._masked_at = {}, {}, {}
-        self._versions = self._layout = self._plan = None
+        self._versions = self._layout = self._plan = self._versions_epoch = None
         for h in self._hooks:
             h.remove()
         self._hooks, self._stepped = [], False

@@ -79,6 +79,47 @@ def test_start_step_and_freeze_step():
     assert not torch.equal(seen[2][3], seen[3][3])   # observing: follows the weights
 
 
+def test_schedule_writes_only_after_a_switch_was_set(monkeypatch):
+    """The schedule skips its pass over the quantizers while no switch was set since its last one, and still
+    puts back a switch the user set by hand, as it does every step."""
+    import copy
+
+    import qat.callback as qc
+    from qat.observers import switch_epoch
+    module = LM()
+    cb = QATCallback("q4_0", start_step=2)
+    from qat.prepare import prepare, quantizers
+    prepare(module, "q4_0")
+    qs = quantizers(module)
+    cb._quantizers = qs
+    passes = []
+    real = qc.set_quantizer_switches
+    monkeypatch.setattr(qc, "set_quantizer_switches", lambda *a, **k: passes.append(1) or real(*a, **k))
+    cb._apply_schedule(module, 2)
+    assert len(passes) == 1 and all(q.enabled for q in qs)
+    cb._apply_schedule(module, 3)
+    assert len(passes) == 1  # nothing set since
+    before = switch_epoch()
+    qs[0].enabled = False  # by hand, between two steps
+    assert switch_epoch() != before
+    cb._apply_schedule(module, 4)
+    assert len(passes) == 2 and qs[0].enabled
+    cb._apply_schedule(module, 1)  # the schedule's own change (before start_step)
+    assert len(passes) == 3 and not any(q.enabled for q in qs)
+    before = switch_epoch()
+    qs[1].freeze()
+    assert switch_epoch() != before and qs[1]._frozen
+    cb._apply_schedule(module, 1)
+    assert len(passes) == 4 and not qs[1]._frozen
+    # a copy keeps its switch (the setter stores it in the instance)
+    assert copy.deepcopy(qs[0]).enabled is False and qs[0].__getstate__()["_enabled"] is False
+    state = dict(qs[0].__getstate__())
+    state["enabled"] = state.pop("_enabled")  # a quantizer pickled when ``enabled`` was a plain attribute
+    old = type(qs[0]).__new__(type(qs[0]))
+    old.__setstate__(state)
+    assert old.enabled is False
+
+
 @pytest.mark.parametrize("observer", ["learned", "mse"])
 def test_resume_from_end_of_epoch_checkpoint_is_bitwise_equal(tmp_path, observer):
     def make():

@@ -963,6 +963,58 @@ def test_clip_zero_cuda():
     _clip_zero_checks("cuda")
 
 
+
+def test_refresh_if_stale_sees_every_change():
+    """``refresh_if_stale``'s check without building the state (every batch's start) refreshes on each change
+    ``stale()`` sees and only then: a new version, a moved weight, requires_grad, a switch set, a freeze, a
+    watched optimizer's step; the eager forwards read their marks from one list (``_Marks``)."""
+    m = tiny_qat_llama("q4_0")
+    cache = StepCache(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    cache.watch(opt)
+    cache.refresh()
+    a = cache.modules[0]
+    assert a._w_cache_version == a.weight._version
+
+    def refreshes_once(change):
+        n = cache.refreshes
+        cache.refresh_if_stale()
+        assert cache.refreshes == n  # nothing changed yet
+        change()
+        assert cache.stale()
+        cache.refresh_if_stale()
+        assert cache.refreshes == n + 1 and not cache.stale()
+        cache.refresh_if_stale()
+        assert cache.refreshes == n + 1
+
+    def bump():
+        with torch.no_grad():
+            a.weight.mul_(0.5)
+
+    def step():
+        a.weight.grad = torch.ones_like(a.weight)
+        opt.step()
+
+    def frozen_again():
+        a.weight.requires_grad_(True)
+
+    refreshes_once(bump)
+    refreshes_once(lambda: setattr(a.weight, "data", a.weight.data.clone()))
+    refreshes_once(lambda: a.weight.requires_grad_(False))
+    assert a._w_cache is None  # a weight that does not train keeps no cache
+    refreshes_once(frozen_again)
+    refreshes_once(lambda: setattr(cache.modules[1].weight_fake_quant, "enabled", False))
+    assert cache.modules[1]._w_cache is None
+    refreshes_once(lambda: setattr(cache.modules[1].weight_fake_quant, "enabled", True))
+    refreshes_once(lambda: cache.modules[2].weight_fake_quant.freeze())
+    refreshes_once(step)
+    assert a._w_cache_version == a.weight._version
+    cache._unmark()
+    assert all(mod._w_cache_version == -1 for mod in cache.modules)
+    cache.close()
+    assert all(mod._w_cache_version == -1 for mod in cache.modules)
+
+
 def test_plan_made_once_per_layout(monkeypatch):
     """``refresh`` groups the layers once and reuses the grouping while the layout stays (where the weights are,
     their dtype, which layers train): a weight changed in place is refreshed with the same plan; a layer

@@ -7,9 +7,10 @@ layer, with the large layers' w_hat (q, o, gate, up, down: Q4_0 codes) got three
   prefetch: unpacked on a side stream one layer ahead, while the previous layer's matmuls run; the main
             stream waits on an event before it reads it
 
-Device time of the whole chain, CUDA events, median of ``--reps``; the rows alternate, so drift hits them all.
+Device time of the whole chain, CUDA events, median of ``--reps`` x ``--rounds``; the rows alternate, so drift
+hits them all. First, every w_hat the prefetch gives is checked bitwise against the serial one.
 
-    python bench/unpack_overlap.py [--reps 20] [--out results.json]"""
+    python bench/unpack_overlap.py [--reps 20] [--rounds 3] [--blocks 16] [--out results.json]"""
 import argparse
 import os
 import sys
@@ -22,14 +23,14 @@ from qat.formats import get_format
 from qat.kernels import triton_fq as tfq
 from common import median, write_json
 
-H, I, KV, T, BLOCKS = 2048, 8192, 512, 4 * 2048, 16
+H, I, KV, T = 2048, 8192, 512, 4 * 2048
 LAYERS = [("q", H, H, True), ("k", KV, H, False), ("v", KV, H, False), ("o", H, H, True),
           ("gate", I, H, True), ("up", I, H, True), ("down", H, I, True)]
 
 
-def build(dev):
+def build(dev, blocks: int = 16):
     fmt = get_format("q4_0")
-    shapes = [(o, i, packed) for _ in range(BLOCKS) for _, o, i, packed in LAYERS]
+    shapes = [(o, i, packed) for _ in range(blocks) for _, o, i, packed in LAYERS]
     total = sum(o * i for o, i, p in shapes if p)
     gen = torch.Generator(device=dev).manual_seed(0)
     codes = torch.randint(0, 256, (total // 2,), dtype=torch.uint8, device=dev, generator=gen)
@@ -44,8 +45,9 @@ def build(dev):
     return fmt, codes, ps, layers, xs, gs
 
 
-def chain(fmt, codes, ps, layers, xs, gs, how: str, side):
-    """One forward and backward over the chain; returns nothing (timed by the caller's events)."""
+def chain(fmt, codes, ps, layers, xs, gs, how: str, side, seen: list | None = None):
+    """One forward and backward over the chain (timed by the caller's events); ``seen``: a list that gets a copy
+    of every packed layer's w_hat as the matmuls read it."""
     def unpack(i):
         w, b_off = layers[i]
         out = torch.empty_like(w)
@@ -71,6 +73,12 @@ def chain(fmt, codes, ps, layers, xs, gs, how: str, side):
             t.record_stream(main)
             return t
 
+        def got(i):
+            w = get(i)
+            if seen is not None and layers[i][1] is not None:
+                seen.append(w.clone())
+            return w
+
         def prefetch(k):
             if how != "prefetch":
                 return
@@ -81,7 +89,7 @@ def chain(fmt, codes, ps, layers, xs, gs, how: str, side):
                             ahead[j] = (unpack(j), side.record_event())
                     return
 
-        return get, prefetch
+        return got, prefetch
 
     n = len(layers)
     fwd = list(range(n))
@@ -105,11 +113,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--blocks", type=int, default=16, help="transformer blocks of 7 linears (the ~1B Llama: 16)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = torch.device("cuda")
-    state = build(dev)
+    state = build(dev, args.blocks)
     side = torch.cuda.Stream(dev)
+    serial, ahead = [], []
+    chain(*state, "serial", side, serial)
+    chain(*state, "prefetch", side, ahead)
+    if len(serial) != len(ahead) or not all(torch.equal(a, b) for a, b in zip(serial, ahead)):
+        sys.exit("unpack_overlap: the prefetched w_hat differs from the serial one")
+    del serial, ahead
     hows = ["bf16", "serial", "prefetch"]
     times = {h: [] for h in hows}
     for _ in range(args.rounds):
@@ -131,7 +146,8 @@ def main():
         r["over_bf16_ms"] = r["ms"] - base
         print(f"{r['how']:10s} {r['ms']:8.3f} {r['over_bf16_ms']:8.3f}")
     if args.out:
-        write_json(args.out, {"device": torch.cuda.get_device_name(), "tokens": T, "rows": rows})
+        write_json(args.out, {"device": torch.cuda.get_device_name(), "tokens": T, "blocks": args.blocks,
+                              "rows": rows})
 
 
 if __name__ == "__main__":

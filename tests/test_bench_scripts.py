@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -309,3 +311,15 @@ def test_rows_report_prints_and_writes(tmp_path, capsys):
     assert json.loads(out.read_text()) == rows and not out.with_suffix(".tmp").exists()
     rows_report([3], lambda x: {"x": x}, "x", str, None)  # no file asked: none written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unpack_overlap_prefetch_is_bitwise_serial(tmp_path):
+    """``bench/unpack_overlap.py`` checks the side stream's w_hat against the serial one before timing; one block."""
+    out = tmp_path / "o.json"
+    r = subprocess.run([sys.executable, "bench/unpack_overlap.py", "--blocks", "1", "--reps", "2", "--rounds", "1",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["how"] for row in rows] == ["bf16", "serial", "prefetch"] and rows[0]["over_bf16_ms"] == 0

@@ -121,6 +121,7 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = None if args.backend == "none" else args.backend
+
     def line(r: dict) -> str:
         g = r["guard_check_us"]
         return (f"{r['variant']:28s}" + "".join(f"{r[k + '_us']:12.0f}" for k in PHASES)
@@ -130,6 +131,7 @@ def main() -> None:
                 lambda v: measure(args.model, v, args.batch, args.seq, args.warmup, args.steps, device, backend),
                 f"{'variant':28s}" + "".join(f"{k:>12s}" for k in PHASES) + f"{'guards':>9s}   (us, medians)",
                 line, args.out)
+
 
 if __name__ == "__main__":
     main()

@@ -39,11 +39,8 @@ class FakeQuantLinear(nn.Linear):
     @property
     def _w_cache_version(self) -> int:
         """The weight's version ``_w_cache`` was computed from; -1 (no version a weight has) while unmarked."""
-        at = self._w_cache_at
-        if at is None:
-            return -1
-        versions = at[0].versions
-        return -1 if versions is None else versions[at[1]]
+        at = self._w_cache_at  # (the step cache's ``_Marks``, this layer's index)
+        return -1 if at is None else at[0].version(at[1])
 
     def effective_weight(self) -> Tensor:
         """The weight the forward multiplies by: exactly what export writes."""

@@ -74,13 +74,19 @@ from .observers import switch_epoch
 __all__ = ["StepCache"]
 
 class _Marks:
-    """The version marks of a plan's cached (not packed) layers: each layer's ``_w_cache_at`` is (this, its
-    index), and ``FakeQuantLinear._w_cache_version`` reads ``versions[index]``. One assignment marks or unmarks
-    them all (as ``_PackBuf.versions`` does for a packed group): at every batch's start, where the GPU waits for
-    the host, one write per layer cost ~1 us each there."""
+    """The version marks of a group of layers: the weights' versions their caches were computed from, in group
+    order, or None while unmarked. A plan's cached layers share one (each layer's ``_w_cache_at`` is (it, the
+    layer's index), read by ``FakeQuantLinear._w_cache_version``), and so do a packed group's (``_PackBuf.marks``,
+    read by ``_Packed.version``). One assignment marks or unmarks them all: the marks are set at every batch's
+    start, where the GPU waits for the host, and per-layer writes cost ~1 us each there (session 17)."""
 
     def __init__(self):
         self.versions: Optional[list] = None
+
+    def version(self, index: int) -> int:
+        """The version of layer ``index``; -1 (no version a weight has) while unmarked."""
+        versions = self.versions
+        return -1 if versions is None else versions[index]
 
 
 class _PackBuf:
@@ -94,10 +100,7 @@ class _PackBuf:
         self.ps = torch.empty(total // fmt.block, dtype=s_dt, device=device)
         self.pz = torch.empty(total // fmt.block, dtype=z_dt, device=device) if has_zero else None
         self.words = torch.empty(total // 32, dtype=torch.int32, device=device)
-        # the members' weight versions the codes were computed from, in group order (``_Packed.version``); None
-        # until ``StepCache._mark`` (one assignment per group, not one per layer: the marks are set at every
-        # batch's start, where the GPU waits for the host, and 112 per-layer writes cost ~0.1 ms there, session 17)
-        self.versions: Optional[list] = None
+        self.marks = _Marks()  # the members' weight versions the codes were computed from (``_Packed.version``)
 
 
 class _Packed:
@@ -111,13 +114,12 @@ class _Packed:
         # for the compiled forward: the format's name, a string dynamo guards by value (the format object, shared
         # by many layers, took an identity guard per layer, evaluated in Python on every call)
         self.fmt_name = fmt.name
-        self.index = index  # the layer's place in its group (``_PackBuf.versions``)
+        self.index = index  # the layer's place in its group (``_PackBuf.marks``)
 
     @property
     def version(self) -> int:
         """The weight's version the codes were computed from; -1 (no version a weight has) while unmarked."""
-        versions = self.buf.versions
-        return -1 if versions is None else versions[self.index]
+        return self.buf.marks.version(self.index)
 
     def w_hat(self, w: Tensor) -> Tensor:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
@@ -192,7 +194,6 @@ class StepCache:
         # read again only when some switch was set since
         self._switches: tuple = ()
         self._switch_epoch: Optional[int] = None
-        self._versions_epoch: Optional[int] = None  # ``switch_epoch()`` when ``_versions``' switches were read
         self._marks = _Marks()  # the cached layers' version marks (``_mark``)
         self._tables: dict = {}
         self._bufs: dict = {}  # the packed layers' flat buffers, per group
@@ -251,19 +252,6 @@ class StepCache:
         """``stale()`` given ``state`` (``_state()`` now)."""
         return self._stepped or state != self._versions
 
-    def _unchanged(self) -> bool:
-        """``not stale()``, without building the state: each weight compared where it is read, the quantizers'
-        switches only if one was set since (``refresh_if_stale`` at every batch's start: 33 instead of 53 us for
-        the ~1B Llama's 112 layers on this CPU, the callback's schedule included)."""
-        old = self._versions
-        if self._stepped or old is None or switch_epoch() != self._versions_epoch:
-            return False
-        for params, (version, ptr, dtype, grad) in zip(self._params, old):
-            w = params["weight"]
-            if w._version != version or w.data_ptr() != ptr or w.dtype is not dtype or w.requires_grad != grad:
-                return False
-        return True
-
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Count ``optimizer``'s steps as changes of the weights. Needed for fused optimizers: ``_fused_adamw_``
         (``AdamW(fused=True)``) and bitsandbytes' optimizers (``AdamW8bit``, their own kernels) write the
@@ -284,7 +272,7 @@ class StepCache:
         """No eager forward uses a cache until the next marks (``_mark``)."""
         self._marks.versions = None  # no version a weight has: the eager forward ignores the cache
         for buf in self._bufs.values():  # every live packed layer's ``_Packed`` is in one of these
-            buf.versions = None
+            buf.marks.versions = None
 
     # -- after every change of the weights ------------------------------------------------------------------
     def refresh(self, overlap: bool = False) -> None:
@@ -344,7 +332,6 @@ class StepCache:
         else:
             self._mark(marks)
         self._versions, self._stepped = state, False
-        self._versions_epoch = self._switch_epoch  # ``state``'s switches were read at it (``_state``)
         self.refreshes += 1
 
     def _side_stream(self) -> Optional[torch.cuda.Stream]:
@@ -358,7 +345,7 @@ class StepCache:
     @staticmethod
     def _mark(marks: list) -> None:
         """Let the eager forwards use the caches: each its weight's version when the refresh read it (one list
-        per ``_Marks`` or ``_PackBuf``: its members' versions)."""
+        per ``_Marks``)."""
         for holder, versions in marks:
             holder.versions = versions
 
@@ -383,8 +370,8 @@ class StepCache:
             self._mark(marks)
 
     def _launch_refresh(self, live: list, groups: list, packed_groups: list) -> list:
-        """The refresh's launches; returns its version marks: (module, its weight's version), or (``_PackBuf``,
-        its members' versions)."""
+        """The refresh's launches; returns its version marks: (``_Marks``, its members' weight versions), for the
+        cached layers and each packed group."""
         for group, fused in groups:
             fmt = _q(group[0]).fmt
             if _is_kquant(fmt):
@@ -456,7 +443,7 @@ class StepCache:
                 if pk is None or pk.buf is not buf or pk.b_off != start // block or pk.index != i:
                     pk = m._w_packed = _Packed(buf, start // block, n // block, fmt, i)
                 start += n
-            marks.append((buf, [w._version for w in weights]))
+            marks.append((buf.marks, [w._version for w in weights]))
         for key in [k for k in self._bufs if k not in used]:  # e.g. the unfrozen group's, after a freeze
             del self._bufs[key]
         return marks
@@ -464,12 +451,9 @@ class StepCache:
     def refresh_if_stale(self, overlap: bool = False) -> None:
         """``refresh`` if ``stale()``. Without ``overlap``, also ``wait()`` for an overlapped refresh still
         pending: after it, the caches are ready for any forward."""
-        if not self._unchanged():
-            state = self._state()  # once: ``_refresh`` takes it on
-            if self._changed(state):
-                self._refresh(state, overlap)
-            else:  # e.g. a switch set to what it was: the check above holds again until the next change
-                self._versions_epoch = self._switch_epoch
+        state = self._state()  # once: ``_refresh`` takes it on
+        if self._changed(state):
+            self._refresh(state, overlap)
         if not overlap:
             self.wait()
 
@@ -538,7 +522,7 @@ class StepCache:
         for m in self.packed:
             m._w_packed = None
         self._bufs, self._clip_tables, self._masked_at = {}, {}, {}
-        self._versions = self._layout = self._plan = self._versions_epoch = None
+        self._versions = self._layout = self._plan = None
         for h in self._hooks:
             h.remove()
         self._hooks, self._stepped = [], False

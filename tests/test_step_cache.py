@@ -965,8 +965,8 @@ def test_clip_zero_cuda():
 
 
 def test_refresh_if_stale_sees_every_change():
-    """``refresh_if_stale``'s check without building the state (every batch's start) refreshes on each change
-    ``stale()`` sees and only then: a new version, a moved weight, requires_grad, a switch set, a freeze, a
+    """``refresh_if_stale`` (every batch's start; the quantizers' switches read only after one was set) refreshes
+    on each change ``stale()`` sees and only then: a new version, a moved weight, requires_grad, a switch set, a freeze, a
     watched optimizer's step; the eager forwards read their marks from one list (``_Marks``)."""
     m = tiny_qat_llama("q4_0")
     cache = StepCache(m)

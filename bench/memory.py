@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import PeakRSS, write_json  # noqa: E402
-from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
+from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, callback_setup  # noqa: E402
 
 FIELDS = ("params", "buffers", "grads", "optimizer", "saved", "saved_weight_shaped", "cache", "forward_kept",
           "peak")
@@ -70,7 +70,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, device: str) ->
                 loss = model(input_ids=ids, labels=ids).loss
         return loss
 
-    cache = step_cache(model, opt)  # None unless +step-cache
+    cache = callback_setup(model, opt)  # None unless +step-cache
     loss = step()  # the first step creates the gradients and AdamW's state
     loss.backward()
     optimizer_step(opt, cache)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import release, rows_report, time_steps, zero_second_moments  # noqa: E402
-from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
+from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, callback_setup  # noqa: E402
 
 
 def timed(fn, reps: int, device: str) -> float:
@@ -62,7 +62,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, reps: int, devi
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     f = torch.compile(model) if compiled else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    cache = step_cache(model, opt)
+    cache = callback_setup(model, opt)
     for i in range(3):
         batch_start(cache)
         f(input_ids=ids, labels=ids).loss.backward()

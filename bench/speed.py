@@ -65,7 +65,7 @@ def profiled_step(model_name: str, variant: str, batch: int, seq: int, device: s
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     f = torch.compile(model) if compiled else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    cache = step_cache(model, opt)
+    cache = callback_setup(model, opt)
 
     def step():
         batch_start(cache)
@@ -94,13 +94,14 @@ def optimizer_step(opt, cache) -> None:
         cache.refresh_if_stale(overlap=True)
 
 
-def step_cache(model, opt):
-    """With ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix), a filled ``qat.step_cache.StepCache`` for
-    ``model``, watching ``opt``: the step then calls ``flush`` before the optimizer step and
-    ``refresh_if_stale`` after it and before the forward, as ``QATCallback`` does with its default on one GPU.
+def callback_setup(model, opt):
+    """What ``QATCallback`` sets up around ``opt`` at fit start, for a ``qat:`` row. Always: the floor on Adam's
+    second moments of the fake-quantized weights (``qat/adam_floor.py``; ``+no-floor``: not). With
+    ``QAT_STEP_CACHE=1`` (the ``+step-cache`` suffix): a filled ``qat.step_cache.StepCache`` for ``model``,
+    watching ``opt``, returned; the step then calls ``flush`` before the optimizer step and
+    ``refresh_if_stale`` after it and before the forward, as the callback does with its default on one GPU.
     Otherwise None: a ``qat:`` row without the suffix is fake quant in every forward (the callback with
-    ``step_cache=False``, or under DDP/FSDP). Either way, as the callback, Adam's second moments of the
-    fake-quantized weights get their floor (``qat/adam_floor.py``; ``+no-floor``: not)."""
+    ``step_cache=False``, or under DDP/FSDP)."""
     from qat.adam_floor import attach_floor
     from qat.modules import is_fake_quant
 
@@ -155,7 +156,7 @@ def run_variant(args, variant: str, compiled: bool, keep: dict | None = None) ->
         step_fn = torch.compile(model)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     env = {k: os.environ.get(k) for k, _ in SWITCHES.values()}
-    cache = step_cache(model, opt)
+    cache = callback_setup(model, opt)
 
     def step():
         for k, v in env.items():  # interleaved variants each keep their own switches

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import release, rows_report  # noqa: E402
-from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, step_cache  # noqa: E402
+from bench.speed import MODELS, apply_switches, batch_start, build, optimizer_step, callback_setup  # noqa: E402
 
 PHASES = ("batch_start", "to_forward", "forward", "backward", "optimizer")
 
@@ -74,7 +74,7 @@ def measure(model_name: str, variant: str, batch: int, seq: int, warmup: int, st
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     f = torch.compile(model, backend=backend) if backend else model
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    cache = step_cache(model, opt)
+    cache = callback_setup(model, opt)
     marks: dict = {}
     hook = f.register_forward_pre_hook(lambda *_: marks.__setitem__("entered", time.perf_counter()))
     sync = torch.cuda.current_stream().synchronize if device == "cuda" else (lambda: None)

@@ -323,3 +323,45 @@ def test_unpack_overlap_prefetch_is_bitwise_serial(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["how"] for row in rows] == ["bf16", "serial", "prefetch"] and rows[0]["over_bf16_ms"] == 0
+
+
+def _dequant_gemm_checks(device: str) -> None:
+    """``bench/dequant_gemm.py``'s GEMM, both matmuls: the Q4_0 path (codes and scales dequantized in the
+    kernel) gives bitwise what the same kernel gives on ``triton_fq.unpack``'s w_hat (one config, so the same
+    tiles and order), and both are a matmul (against float32 torch). fp16 under the CPU interpreter, whose bf16
+    dot is broken; bf16 on CUDA."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dequant_gemm as dg
+    from qat.formats import get_format
+    from qat.kernels import triton_fq as tfq
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    for kern in (dg._fwd_kernel, dg._bwd_kernel):
+        kern.configs = kern.configs[:1]  # 128 x 128 x 64 tiles
+    gen = torch.Generator(device=device).manual_seed(0)
+    n, k, m = 256, 384, 128
+    codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=device, generator=gen)
+    s = (torch.rand(n * k // 32, device=device, generator=gen) * 0.01 + 1e-3).to(torch.float16)
+    w = tfq.unpack(codes, s, None, 0, n * k // 32, get_format("q4_0"), torch.empty(n, k, dtype=dtype, device=device))
+    for kind, a in (("fwd", torch.randn(m, k, dtype=dtype, device=device, generator=gen)),
+                    ("bwd", torch.randn(m, n, dtype=dtype, device=device, generator=gen))):
+        ref = a.float() @ (w.float().t() if kind == "fwd" else w.float())
+        plain, q4 = dg.fused(kind, a, w, codes, s, False), dg.fused(kind, a, w, codes, s, True)
+        assert torch.equal(plain, q4), kind
+        err = ((q4.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-2, (kind, err)
+        assert torch.count_nonzero(q4) > 0.99 * q4.numel()  # every tile written
+    print("dequant gemm checks passed")
+
+
+def test_dequant_gemm_interpreted():
+    from conftest import run_interpreted
+
+    run_interpreted("from test_bench_scripts import _dequant_gemm_checks; _dequant_gemm_checks('cpu')",
+                    "dequant gemm checks passed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dequant_gemm_cuda():
+    _dequant_gemm_checks("cuda")

@@ -1,0 +1,184 @@
+"""Could a matmul that reads the packed cache's Q4_0 codes itself replace "unpack, then cuBLAS"?
+
+The packed step cache unpacks each large layer's w_hat (bf16) from its 4-bit codes before the forward's matmul
+and again before the backward's ``grad_x = grad_y @ w_hat`` (~1.5 ms a step on a ~1B Llama, H200: see
+``bench/unpack_overlap.py``). A GEMM that dequantizes its weight tiles in registers would skip writing and
+re-reading w_hat, but it only pays if it keeps cuBLAS's bf16 speed at M = 4 x 2048 tokens, where these matmuls
+are compute-bound. This measures, per 1B layer shape and both matmuls that read w_hat, side by side:
+
+  cublas:         torch.mm on a bf16 w_hat already there (the floor)
+  unpack+cublas:  ``triton_fq.unpack`` then torch.mm (the step cache today)
+  triton-bf16:    a Triton GEMM (autotuned) on the bf16 w_hat: how close Triton gets to cuBLAS at all
+  triton-q4:      the same GEMM reading the codes and fp16 scales, dequantized in registers with the unpack
+                  kernel's arithmetic
+
+and sums them over the model (16 blocks of q, o, gate, up, down). The fused output is checked against
+``mm(x, unpack(codes))`` first (same w_hat; only the accumulation order may differ).
+
+    python bench/dequant_gemm.py [--reps 30] [--rounds 3] [--out results.json]"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+
+from qat.formats import get_format
+from qat.kernels import triton_fq as tfq
+from common import median, write_json
+
+H, I, T, BLOCKS = 2048, 8192, 4 * 2048, 16
+SHAPES = {"q/o": (H, H, 2), "gate/up": (I, H, 2), "down": (H, I, 1)}  # (out, in, layers per block)
+
+if tfq.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    CONFIGS = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP": 8}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                        (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4)]]
+
+    @triton.jit
+    def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+        pid = tl.program_id(0)
+        n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        per = GROUP * n_n
+        first = (pid // per) * GROUP
+        size = min(n_m - first, GROUP)
+        return first + (pid % per) % size, (pid % per) // size
+
+    @triton.jit
+    def _w_tile(W, C, S, r, c0, ld, Q4: tl.constexpr, R: tl.constexpr, CC: tl.constexpr):
+        """The [R, CC] tile of the [rows, ld] weight at rows r, columns c0... (CC: a multiple of 32), bf16: read
+        as bf16, or dequantized from Q4_0 codes (16 bytes a block of 32 along a row) and fp16 scales."""
+        if Q4:
+            half = c0 // 2 + tl.arange(0, CC // 2)
+            b = tl.load(C + r[:, None].to(tl.int64) * (ld // 2) + half[None, :])
+            codes = tl.reshape(tl.join(b & 15, b >> 4), (R, CC)).to(tl.float32) - 8.0
+            blk = c0 // 32 + tl.arange(0, CC // 32)
+            s = tl.load(S + r[:, None].to(tl.int64) * (ld // 32) + blk[None, :]).to(tl.float32)
+            w = tl.reshape(tl.reshape(codes, (R, CC // 32, 32)) * s[:, :, None], (R, CC))
+            return w.to(W.dtype.element_ty)
+        else:
+            c = c0 + tl.arange(0, CC)
+            return tl.load(W + r[:, None].to(tl.int64) * ld + c[None, :])
+
+    @triton.autotune(configs=CONFIGS, key=["M", "N", "K", "Q4"])
+    @triton.jit
+    def _fwd_kernel(X, W, C, S, Y, M, N, K: tl.constexpr, Q4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, GROUP: tl.constexpr):
+        # Y[M, N] = X[M, K] @ W[N, K]^T (the loop's extent a constexpr: Triton's CPU interpreter cannot range()
+        # over a runtime int with numpy 2)
+        pm, pn = _tile_ids(M, N, BM, BN, GROUP)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :])
+            w = _w_tile(W, C, S, rn, k0, K, Q4, BN, BK)
+            acc = tl.dot(x, tl.trans(w), acc)
+        tl.store(Y + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(Y.dtype.element_ty))
+
+    @triton.autotune(configs=CONFIGS, key=["M", "N", "K", "Q4"])
+    @triton.jit
+    def _bwd_kernel(G, W, C, S, Y, M, N: tl.constexpr, K, Q4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, GROUP: tl.constexpr):
+        # Y[M, K] = G[M, N] @ W[N, K]: here the tile's N is the weight's in-features (K), BK runs over its rows
+        pm, pn = _tile_ids(M, K, BM, BN, GROUP)
+        rm = pm * BM + tl.arange(0, BM)
+        rk = pn * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for n0 in range(0, N, BK):
+            rn = n0 + tl.arange(0, BK)
+            g = tl.load(G + rm[:, None].to(tl.int64) * N + rn[None, :])
+            w = _w_tile(W, C, S, rn, pn * BN, K, Q4, BK, BN)
+            acc = tl.dot(g, w, acc)
+        tl.store(Y + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(Y.dtype.element_ty))
+
+
+def fused(kind: str, a, w, codes, s, q4: bool):
+    """``a @ w.T`` (fwd) or ``a @ w`` (bwd), w [N, K] as bf16 or as codes/scales."""
+    N, K = w.shape
+    M = a.shape[0]
+    out = torch.empty(M, N if kind == "fwd" else K, dtype=a.dtype, device=a.device)
+    cols = out.shape[1]
+    kern = _fwd_kernel if kind == "fwd" else _bwd_kernel
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(cols, meta["BN"]),)  # noqa: E731
+    kern[grid](a, w, codes, s, out, M, N, K, Q4=q4)
+    return out
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return median([a.elapsed_time(b) for a, b in ev]) * 1000.0  # us
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not (torch.cuda.is_available() and tfq.HAS_TRITON):
+        sys.exit("dequant_gemm: needs CUDA and Triton")
+    dev = torch.device("cuda")
+    fmt = get_format("q4_0")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rows, total = [], {}
+    for name, (n, k, per) in SHAPES.items():
+        codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=dev, generator=gen)
+        s = (torch.rand(n * k // 32, device=dev, generator=gen) * 0.01 + 1e-3).to(torch.float16)
+        w = tfq.unpack(codes, s, None, 0, n * k // 32, fmt, torch.empty(n, k, dtype=torch.bfloat16, device=dev))
+        x = torch.randn(T, k, device=dev, dtype=torch.bfloat16, generator=gen)
+        g = torch.randn(T, n, device=dev, dtype=torch.bfloat16, generator=gen)
+        scratch = torch.empty_like(w)
+        for kind, a in (("fwd", x), ("bwd", g)):
+            ref = (a @ w.t()) if kind == "fwd" else (a @ w)
+            for q4 in (False, True):
+                got = fused(kind, a, w, codes, s, q4)
+                err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                if err > 2e-2:
+                    sys.exit(f"dequant_gemm: {name} {kind} q4={q4} differs from cuBLAS on the same w_hat "
+                             f"(max rel err {err:.3g})")
+            mm = (lambda a=a: torch.mm(a, w.t())) if kind == "fwd" else (lambda a=a: torch.mm(a, w))
+
+            def unpack_mm(a=a, mm=mm):
+                tfq.unpack(codes, s, None, 0, n * k // 32, fmt, scratch)
+                return mm()
+
+            variants = {"cublas": mm, "unpack+cublas": unpack_mm,
+                        "triton-bf16": lambda a=a, kind=kind: fused(kind, a, w, codes, s, False),
+                        "triton-q4": lambda a=a, kind=kind: fused(kind, a, w, codes, s, True)}
+            got = {v: [] for v in variants}
+            for _ in range(args.rounds):
+                for v, fn in variants.items():
+                    got[v].append(timed(fn, args.reps))
+            row = {"shape": name, "out": n, "in": k, "matmul": kind, "layers": per * BLOCKS}
+            row.update({v: median(t) for v, t in got.items()})
+            rows.append(row)
+            for v in variants:
+                total[v] = total.get(v, 0.0) + row[v] * per * BLOCKS
+    cols = ["cublas", "unpack+cublas", "triton-bf16", "triton-q4"]
+    print(f"{'shape':>8} {'matmul':>6} " + " ".join(f"{c:>14}" for c in cols) + "   (us, one layer)")
+    for r in rows:
+        print(f"{r['shape']:>8} {r['matmul']:>6} " + " ".join(f"{r[c]:>14.1f}" for c in cols))
+    print(f"{'model':>15} " + " ".join(f"{total[c] / 1000:>14.3f}" for c in cols) + "   (ms, a step's 160 matmuls)")
+    base = total["cublas"]
+    print(f"{'over cublas':>15} " + " ".join(f"{(total[c] - base) / 1000:>+14.3f}" for c in cols) + "   (ms)")
+    if args.out:
+        write_json(args.out, {"rows": rows, "total_ms": {c: total[c] / 1000 for c in cols},
+                              "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "triton": triton.__version__, "tokens": T})
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,8 @@ are compute-bound. This measures, per 1B layer shape and both matmuls that read 
   triton-bf16:    a Triton GEMM (autotuned) on the bf16 w_hat: how close Triton gets to cuBLAS at all
   triton-q4:      the same GEMM reading the codes and fp16 scales, dequantized in registers with the unpack
                   kernel's arithmetic
+  torch-int4mm:   forward only: torch's own int4 matmul (``torch._weight_int4pack_mm``, tinygemm, as torchao's
+                  int4 weight-only inference uses), group 32, bf16 scales and zeros: not our numbers, its speed
 
 and sums them over the model (16 blocks of q, o, gate, up, down). The fused output is checked against
 ``mm(x, unpack(codes))`` first (same w_hat; only the accumulation order may differ).
@@ -110,6 +112,28 @@ def fused(kind: str, a, w, codes, s, q4: bool):
     return out
 
 
+def tinygemm(w, x):
+    """``x @ w.T`` by ``torch._weight_int4pack_mm`` on w quantized to int4 (group 32, asymmetric, bf16 scales
+    and zeros: its own rule, not Q4_0's), as a callable; None (with the reason printed) where this torch lacks
+    it or refuses the shape."""
+    try:
+        n, k = w.shape
+        g = w.float().view(n, k // 32, 32)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(n, k)
+        packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), 8)
+        zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        fn = lambda: torch._weight_int4pack_mm(x, packed, 32, sz)  # noqa: E731
+        err = ((fn().float() - x.float() @ w.float().t()).abs().max() / (x.float() @ w.float().t()).abs().max())
+        print(f"torch-int4mm {n}x{k}: max rel err against the bf16 matmul {err.item():.3g} (its own rounding)")
+        return fn
+    except Exception as e:  # an older/newer torch, or a shape it refuses: the column is left out
+        print(f"torch-int4mm: not measured ({type(e).__name__}: {str(e)[:200]})")
+        return None
+
+
 def timed(fn, reps: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -158,6 +182,10 @@ def main() -> None:
             variants = {"cublas": mm, "unpack+cublas": unpack_mm,
                         "triton-bf16": lambda a=a, kind=kind: fused(kind, a, w, codes, s, False),
                         "triton-q4": lambda a=a, kind=kind: fused(kind, a, w, codes, s, True)}
+            if kind == "fwd":
+                int4 = tinygemm(w, a)
+                if int4 is not None:
+                    variants["torch-int4mm"] = int4
             got = {v: [] for v in variants}
             for _ in range(args.rounds):
                 for v, fn in variants.items():
@@ -168,9 +196,11 @@ def main() -> None:
             for v in variants:
                 total[v] = total.get(v, 0.0) + row[v] * per * BLOCKS
     cols = ["cublas", "unpack+cublas", "triton-bf16", "triton-q4"]
-    print(f"{'shape':>8} {'matmul':>6} " + " ".join(f"{c:>14}" for c in cols) + "   (us, one layer)")
+    print(f"{'shape':>8} {'matmul':>6} " + " ".join(f"{c:>14}" for c in cols + ["torch-int4mm"])
+          + "   (us, one layer)")
     for r in rows:
-        print(f"{r['shape']:>8} {r['matmul']:>6} " + " ".join(f"{r[c]:>14.1f}" for c in cols))
+        print(f"{r['shape']:>8} {r['matmul']:>6} " + " ".join(f"{r[c]:>14.1f}" for c in cols)
+              + (f" {r['torch-int4mm']:>14.1f}" if "torch-int4mm" in r else ""))
     print(f"{'model':>15} " + " ".join(f"{total[c] / 1000:>14.3f}" for c in cols) + "   (ms, a step's 160 matmuls)")
     base = total["cublas"]
     print(f"{'over cublas':>15} " + " ".join(f"{(total[c] - base) / 1000:>+14.3f}" for c in cols) + "   (ms)")

@@ -66,49 +66,34 @@ if tfq.HAS_TRITON:
             c = c0 + tl.arange(0, CC)
             return tl.load(W + r[:, None].to(tl.int64) * ld + c[None, :])
 
-    @triton.autotune(configs=CONFIGS, key=["M", "N", "K", "Q4"])
+    @triton.autotune(configs=CONFIGS, key=["M", "OUT", "RED", "Q4", "FWD"])
     @triton.jit
-    def _fwd_kernel(X, W, C, S, Y, M, N, K: tl.constexpr, Q4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, GROUP: tl.constexpr):
-        # Y[M, N] = X[M, K] @ W[N, K]^T (the loop's extent a constexpr: Triton's CPU interpreter cannot range()
-        # over a runtime int with numpy 2)
-        pm, pn = _tile_ids(M, N, BM, BN, GROUP)
+    def _gemm_kernel(A, W, C, S, Y, M, OUT, RED: tl.constexpr, LD, Q4: tl.constexpr, FWD: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+        # Y[M, OUT] = A[M, RED] @ W^T (FWD: W is [OUT, RED]) or A @ W (W is [RED, OUT]); W's rows are LD wide.
+        # The loop's extent is a constexpr: Triton's CPU interpreter cannot range() over a runtime int with numpy 2.
+        pm, pn = _tile_ids(M, OUT, BM, BN, GROUP)
         rm = pm * BM + tl.arange(0, BM)
-        rn = pn * BN + tl.arange(0, BN)
+        ro = pn * BN + tl.arange(0, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(X + rm[:, None].to(tl.int64) * K + rk[None, :])
-            w = _w_tile(W, C, S, rn, k0, K, Q4, BN, BK)
-            acc = tl.dot(x, tl.trans(w), acc)
-        tl.store(Y + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(Y.dtype.element_ty))
-
-    @triton.autotune(configs=CONFIGS, key=["M", "N", "K", "Q4"])
-    @triton.jit
-    def _bwd_kernel(G, W, C, S, Y, M, N: tl.constexpr, K, Q4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, GROUP: tl.constexpr):
-        # Y[M, K] = G[M, N] @ W[N, K]: here the tile's N is the weight's in-features (K), BK runs over its rows
-        pm, pn = _tile_ids(M, K, BM, BN, GROUP)
-        rm = pm * BM + tl.arange(0, BM)
-        rk = pn * BN + tl.arange(0, BN)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for n0 in range(0, N, BK):
-            rn = n0 + tl.arange(0, BK)
-            g = tl.load(G + rm[:, None].to(tl.int64) * N + rn[None, :])
-            w = _w_tile(W, C, S, rn, pn * BN, K, Q4, BK, BN)
-            acc = tl.dot(g, w, acc)
-        tl.store(Y + rm[:, None].to(tl.int64) * K + rk[None, :], acc.to(Y.dtype.element_ty))
+        for r0 in range(0, RED, BK):
+            rr = r0 + tl.arange(0, BK)
+            a = tl.load(A + rm[:, None].to(tl.int64) * RED + rr[None, :])
+            if FWD:
+                acc = tl.dot(a, tl.trans(_w_tile(W, C, S, ro, r0, LD, Q4, BN, BK)), acc)
+            else:
+                acc = tl.dot(a, _w_tile(W, C, S, rr, pn * BN, LD, Q4, BK, BN), acc)
+        tl.store(Y + rm[:, None].to(tl.int64) * OUT + ro[None, :], acc.to(Y.dtype.element_ty))
 
 
 def fused(kind: str, a, w, codes, s, q4: bool):
     """``a @ w.T`` (fwd) or ``a @ w`` (bwd), w [N, K] as bf16 or as codes/scales."""
     N, K = w.shape
     M = a.shape[0]
-    out = torch.empty(M, N if kind == "fwd" else K, dtype=a.dtype, device=a.device)
-    cols = out.shape[1]
-    kern = _fwd_kernel if kind == "fwd" else _bwd_kernel
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(cols, meta["BN"]),)  # noqa: E731
-    kern[grid](a, w, codes, s, out, M, N, K, Q4=q4)
+    fwd = kind == "fwd"
+    out = torch.empty(M, N if fwd else K, dtype=a.dtype, device=a.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(out.shape[1], meta["BN"]),)  # noqa: E731
+    _gemm_kernel[grid](a, w, codes, s, out, M, out.shape[1], K if fwd else N, K, Q4=q4, FWD=fwd)
     return out
 
 

@@ -336,8 +336,7 @@ def _dequant_gemm_checks(device: str) -> None:
     from qat.kernels import triton_fq as tfq
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    for kern in (dg._fwd_kernel, dg._bwd_kernel):
-        kern.configs = kern.configs[:1]  # 128 x 128 x 64 tiles
+    dg._gemm_kernel.configs = dg._gemm_kernel.configs[:1]  # 128 x 128 x 64 tiles
     gen = torch.Generator(device=device).manual_seed(0)
     n, k, m = 256, 384, 128
     codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=device, generator=gen)

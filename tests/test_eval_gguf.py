@@ -218,11 +218,15 @@ def smollm2():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme,floor", [("q8_0", 0.95), ("q4_0", 0.94), ("q4_1", 0.965)])
-def test_smollm2_llama_cpp_agrees_with_emulated_pytorch(smollm2, tmp_path, scheme, floor):
-    """Measured (bench/export_smollm2.py, x86): same argmax on 96.0% (Q8_0), 95.3% (Q4_0), 97.8% (Q4_1) of
-    positions, all where PyTorch's top-2 margin is >= 0.5. Not 99%: llama.cpp's batched and token-by-token
-    runs of the same file agree only on 97.0%, 95.8%, 98.0%; Q8 activation rounding makes any ulp cascade."""
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_1"])
+def test_smollm2_llama_cpp_agrees_with_emulated_pytorch(smollm2, tmp_path, scheme):
+    """Same argmax on every position where PyTorch's top-2 margin is >= 0.5, and on >= 93% of all of them.
+    Measured (bench/export_smollm2.py): 96.0% (Q8_0), 95.3% (Q4_0), 97.8% (Q4_1) on a 2-core AMD EPYC (AVX2);
+    95.6%, 95.3%, 96.5% on a 2-core Intel Xeon (AVX-512), every disagreement there at a margin below 0.33.
+    Not 99%, and not the same on every CPU: llama.cpp's batched and token-by-token runs of the same file agree
+    only on 97.0%, 95.8%, 98.0% (AMD) and 96.7%, 96.1%, 98.6% (Intel, first 512 tokens); Q8 activation rounding
+    makes any ulp cascade, and its SIMD kernels round differently. The overall floor leaves room for that; the
+    margin check is the sharp one (an export error moves confident predictions)."""
     from qat.export import export_gguf
     from qat.llamacpp import gguf_logits, llamacpp_activations, torch_logits
     from smollm2_text import EVAL_TEXT
@@ -236,5 +240,5 @@ def test_smollm2_llama_cpp_agrees_with_emulated_pytorch(smollm2, tmp_path, schem
     lc = gguf_logits(path, ids, 512)
     agree = em.argmax(-1) == lc.argmax(-1)
     top2 = np.sort(em, -1)[:, -2:]
-    assert agree.mean() >= floor
+    assert agree.mean() >= 0.93
     assert agree[top2[:, 1] - top2[:, 0] >= 0.5].all()

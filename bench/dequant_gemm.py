@@ -90,6 +90,8 @@ def fused(kind: str, a, w, codes, s, q4: bool):
     """``a @ w.T`` (fwd) or ``a @ w`` (bwd), w [N, K] as bf16 or as codes/scales."""
     N, K = w.shape
     M = a.shape[0]
+    if M % 256 or N % 256 or K % 256:  # the kernel has no bounds masks: every tile config must divide the shapes
+        raise ValueError(f"dequant_gemm: shapes must be multiples of 256, got M={M}, N={N}, K={K}")
     fwd = kind == "fwd"
     out = torch.empty(M, N if fwd else K, dtype=a.dtype, device=a.device)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(out.shape[1], meta["BN"]),)  # noqa: E731

@@ -338,7 +338,7 @@ def _dequant_gemm_checks(device: str) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     dg._gemm_kernel.configs = dg._gemm_kernel.configs[:1]  # 128 x 128 x 64 tiles
     gen = torch.Generator(device=device).manual_seed(0)
-    n, k, m = 256, 384, 128
+    n, k, m = 256, 512, 256
     codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=device, generator=gen)
     s = (torch.rand(n * k // 32, device=device, generator=gen) * 0.01 + 1e-3).to(torch.float16)
     w = tfq.unpack(codes, s, None, 0, n * k // 32, get_format("q4_0"), torch.empty(n, k, dtype=dtype, device=device))

@@ -115,6 +115,21 @@ def time_pipelined(step: Callable[[], object], steps: int, device: str,
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def device_ms(fn: Callable[[], object], reps: int = 20) -> float:
+    """Device ms per call of ``fn``: the CUDA kernels' time from the profiler, summed and divided by ``reps``,
+    after 3 untimed calls. (Wall or event timing of one call measures the host where a call's kernels are
+    short: a triton_op call costs more host time than such kernels take on the GPU.)"""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return us / 1e3 / reps
+
+
 def write_json(path, obj) -> None:
     """``obj`` as indented JSON at ``path``, through a temporary file renamed into place (a run stopped halfway
     leaves the last complete file, not half of one)."""

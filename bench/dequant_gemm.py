@@ -14,8 +14,10 @@ are compute-bound. This measures, per 1B layer shape and both matmuls that read 
   torch-int4mm:   forward only: torch's own int4 matmul (``torch._weight_int4pack_mm``, tinygemm, as torchao's
                   int4 weight-only inference uses), group 32, bf16 scales and zeros: not our numbers, its speed
 
-and sums them over the model (16 blocks of q, o, gate, up, down). The fused output is checked against
-``mm(x, unpack(codes))`` first (same w_hat; only the accumulation order may differ).
+and sums them over the model (16 blocks of q, o, gate, up, down). Times are the kernels' device time
+(``bench.common.device_ms``: the profiler, mean of ``--reps`` calls; host launch gaps left out), median of
+``--rounds`` rounds. The fused output is checked against ``mm(x, unpack(codes))`` first (same w_hat; only the
+accumulation order may differ).
 
     python bench/dequant_gemm.py [--reps 30] [--rounds 3] [--out results.json]"""
 import argparse
@@ -28,7 +30,7 @@ import torch
 
 from qat.formats import get_format
 from qat.kernels import triton_fq as tfq
-from common import median, write_json
+from common import device_ms, median, write_json
 
 H, I, T, BLOCKS = 2048, 8192, 4 * 2048, 16
 SHAPES = {"q/o": (H, H, 2), "gate/up": (I, H, 2), "down": (H, I, 1)}  # (out, in, layers per block)
@@ -113,24 +115,13 @@ def tinygemm(w, x):
         zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
         sz = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         fn = lambda: torch._weight_int4pack_mm(x, packed, 32, sz)  # noqa: E731
-        err = ((fn().float() - x.float() @ w.float().t()).abs().max() / (x.float() @ w.float().t()).abs().max())
+        ref = x.float() @ w.float().t()
+        err = (fn().float() - ref).abs().max() / ref.abs().max()
         print(f"torch-int4mm {n}x{k}: max rel err against the bf16 matmul {err.item():.3g} (its own rounding)")
         return fn
     except Exception as e:  # an older/newer torch, or a shape it refuses: the column is left out
         print(f"torch-int4mm: not measured ({type(e).__name__}: {str(e)[:200]})")
         return None
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return median([a.elapsed_time(b) for a, b in ev]) * 1000.0  # us
 
 
 def main() -> None:
@@ -176,7 +167,7 @@ def main() -> None:
             got = {v: [] for v in variants}
             for _ in range(args.rounds):
                 for v, fn in variants.items():
-                    got[v].append(timed(fn, args.reps))
+                    got[v].append(device_ms(fn, args.reps) * 1000.0)  # us
             row = {"shape": name, "out": n, "in": k, "matmul": kind, "layers": per * BLOCKS}
             row.update({v: median(t) for v, t in got.items()})
             rows.append(row)

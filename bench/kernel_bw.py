@@ -15,21 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def timed(fn, reps=20) -> float:
-    """Device ms per call of ``fn``: the CUDA kernels' time from the profiler, summed and divided by ``reps``.
-    (Wall or event timing of one call measures the host here: a triton_op call costs more host time than
-    these kernels take on the GPU.)"""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return us / 1e3 / reps
+from bench.common import device_ms  # noqa: E402
 
 
 def main():
@@ -90,7 +76,7 @@ def main():
         ("step cache refresh (w -> w_hat)", cache.refresh, 2 * n * es),
         ("step cache flush (w, grad -> grad)", flush, 3 * n * es),
     ]:
-        ms = timed(fn)
+        ms = device_ms(fn)
         rows.append(dict(kernel=name, ms=ms, gb_per_s=nbytes / ms / 1e6, shape=args.shape, fmt=args.fmt,
                          dtype=args.dtype, device=torch.cuda.get_device_name()))
         print(f"{name:48s} {ms * 1e3:9.1f} us  {nbytes / ms / 1e6:8.0f} GB/s")

@@ -73,6 +73,7 @@ from .observers import switch_epoch
 
 __all__ = ["StepCache"]
 
+
 class _Marks:
     """The version marks of a group of layers: the weights' versions their caches were computed from, in group
     order, or None while unmarked. A plan's cached layers share one (each layer's ``_w_cache_at`` is (it, the

@@ -332,11 +332,20 @@ def _dequant_gemm_checks(device: str) -> None:
     dot is broken; bf16 on CUDA."""
     sys.path.insert(0, str(ROOT / "bench"))
     import dequant_gemm as dg
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    configs, dg._gemm_kernel.configs = dg._gemm_kernel.configs, dg._gemm_kernel.configs[:1]  # 128 x 128 x 64 tiles
+    try:
+        _dequant_gemm_cases(dg, device, dtype)
+    finally:
+        dg._gemm_kernel.configs = configs
+    print("dequant gemm checks passed")
+
+
+def _dequant_gemm_cases(dg, device: str, dtype: torch.dtype) -> None:
     from qat.formats import get_format
     from qat.kernels import triton_fq as tfq
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    dg._gemm_kernel.configs = dg._gemm_kernel.configs[:1]  # 128 x 128 x 64 tiles
     gen = torch.Generator(device=device).manual_seed(0)
     n, k, m = 256, 512, 256
     codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device=device, generator=gen)
@@ -350,7 +359,6 @@ def _dequant_gemm_checks(device: str) -> None:
         err = ((q4.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-2, (kind, err)
         assert torch.count_nonzero(q4) > 0.99 * q4.numel()  # every tile written
-    print("dequant gemm checks passed")
 
 
 def test_dequant_gemm_interpreted():
